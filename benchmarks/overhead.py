@@ -1,0 +1,87 @@
+"""Cost of the bottlenecks: vit_tiny_vib_b4 against vit_tiny_gap (same size, same run).
+
+Median training-step (forward + backward + AdamW step, loss CE + beta * KL) and inference time at
+224 px, batch 32, printed as ratios. Target on CPU: both <= 1.05x. Runs on GPU too when one exists.
+
+    python benchmarks/overhead.py [--batch-size 32] [--repeats 10] [--device cpu|cuda]
+"""
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_vib
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def train_step_time(model, x, y, device):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        if model.has_bottleneck:
+            logits, kl = model(x, return_kl=True)
+            loss = F.cross_entropy(logits, y) + model.beta * timm_vib.information_loss(kl)
+        else:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def infer_time(model, x):
+    model.eval()
+
+    @torch.no_grad()
+    def step():
+        model(x)
+    return step
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--repeats', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    y = torch.randint(0, 100, (args.batch_size,), device=device)
+    models = {n: timm.create_model(n).to(device) for n in ('vit_tiny_vib_b4', 'vit_tiny_gap')}
+    results = {}
+    for kind, make in (('train step', lambda m: train_step_time(m, x, y, device)), ('inference', lambda m: infer_time(m, x))):
+        fns = {n: make(m) for n, m in models.items()}
+        for fn in fns.values():
+            for _ in range(args.warmup):
+                fn()
+        times = {n: [] for n in fns}
+        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+            for n, fn in fns.items():
+                times[n].append(timed(fn, device))
+        results[kind] = {n: statistics.median(t) for n, t in times.items()}
+    print(f'device {device}, batch {args.batch_size}, 224 px, {torch.get_num_threads()} threads, median of {args.repeats}')
+    for kind, r in results.items():
+        vib, gap = r['vit_tiny_vib_b4'], r['vit_tiny_gap']
+        print(f'{kind:>10}: vit_tiny_vib_b4 {vib * 1e3:8.1f} ms   vit_tiny_gap {gap * 1e3:8.1f} ms   ratio {vib / gap:.3f}x')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,376 @@
+"""The core model: bottleneck maths, the timm surface, the two ends of the spectrum, bad input."""
+import math
+
+import pytest
+import timm
+import timm.optim
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+import timm_vib
+from timm_vib import HeadBottleneck, VIBAttention, gaussian_kl, information_loss, vibify
+
+SMALL = dict(img_size=32, patch_size=8, depth=2, num_classes=5)  # 16 tokens, 3 heads of 64
+
+
+def small(name='vit_tiny_vib', **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, **dict(SMALL, **kw))
+
+
+def images(b=2, size=32, seed=1):
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def capture_posteriors(model, x):
+    """mu, logvar per block via forward hooks on the bottlenecks (independent of the KL path)."""
+    out = []
+    hooks = [b.register_forward_hook(lambda m, i, o: out.append(o[1:])) for b in model.bottlenecks()]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+# --- KL ---------------------------------------------------------------------------------------
+
+def test_gaussian_kl_matches_torch_distributions_and_is_nonnegative():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 7, 32, generator=g) * 3
+    logvar = torch.rand(4, 7, 32, generator=g) * 20 - 10
+    expected = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(-1)
+    kl = gaussian_kl(mu, logvar)
+    torch.testing.assert_close(kl, expected, rtol=1e-5, atol=1e-4)
+    assert (kl >= 0).all()
+    # zero exactly at the prior, closed form for a hand-made case
+    assert gaussian_kl(torch.zeros(3), torch.zeros(3)).item() == 0.0
+    m, lv = torch.tensor([1.0, -2.0]), torch.tensor([0.0, math.log(4.0)])
+    hand = 0.5 * ((1 + 1 - 1 - 0) + (4 + 4 - 1 - math.log(4.0)))
+    assert gaussian_kl(m, lv).item() == pytest.approx(hand, rel=1e-6)
+
+
+def test_gaussian_kl_is_float32_under_autocast():
+    mu, logvar = torch.randn(8, 32).bfloat16(), torch.full((8, 32), -8.0).bfloat16()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        kl = gaussian_kl(mu, logvar)
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl, gaussian_kl(mu.float(), logvar.float()))
+
+
+def test_information_loss_conventions():
+    kl = torch.rand(3, 2, 3, 16)
+    assert information_loss(kl).item() == pytest.approx(kl.mean().item(), rel=1e-6)
+    assert information_loss(kl, 'sum').item() == pytest.approx(kl.sum().item() / 3, rel=1e-6)
+    assert information_loss(kl, 'sum').item() == pytest.approx(information_loss(kl).item() * 2 * 3 * 16, rel=1e-5)
+    with pytest.raises(ValueError, match='reduction'):
+        information_loss(kl, 'median')
+    with pytest.raises(ValueError, match='batch, depth, heads, tokens'):
+        information_loss(kl[0])
+
+
+def test_model_kl_equals_closed_form_of_its_posteriors():
+    m = small().eval()
+    x = images()
+    _, kl = m(x, return_kl=True)
+    assert kl.shape == (2, 2, 3, 16) and kl.dtype == torch.float32
+    post = capture_posteriors(m, x)
+    expected = torch.stack([0.5 * (lv.exp() + mu ** 2 - 1 - lv).sum(-1) for mu, lv in post], dim=1)
+    torch.testing.assert_close(kl, expected)
+    assert (kl >= 0).all()
+    # the log-variance is clamped to the reference code's range
+    assert all(lv.min() >= -10 and lv.max() <= 10 for _, lv in post)
+
+
+def test_logvar_bias_initialised_to_minus_six():
+    m = small(vib_dim=8)
+    for b in m.bottlenecks():
+        assert b.enc_bias.shape == (3, 16)
+        assert torch.all(b.enc_bias[:, 8:] == -6.0) and torch.all(b.enc_bias[:, :8] == 0)
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def test_eval_is_deterministic_train_is_not_and_stochastic_eval_samples():
+    m = small()
+    x = images()
+    m.eval()
+    torch.testing.assert_close(m(x), m(x), rtol=0, atol=0)
+    m.train()
+    assert not torch.equal(m(x), m(x))
+    m.eval()
+    m.stochastic_eval = True
+    assert not torch.equal(m(x), m(x))
+    m.set_stochastic_eval(False)
+    assert torch.equal(m(x), m(x))
+    assert timm.create_model('vit_tiny_vib', stochastic_eval=True, **SMALL).stochastic_eval
+
+
+def test_sampled_latent_has_posterior_statistics():
+    b = HeadBottleneck(num_heads=2, head_dim=4, vib_dim=3).train()
+    torch.manual_seed(0)
+    mu = torch.randn(1, 2, 1, 3).expand(1, 2, 20000, 3)
+    logvar = torch.tensor([-1.0, 0.0, 1.0]).expand(1, 2, 20000, 3)
+    z, m, lv = b(torch.cat([mu, logvar], -1))
+    torch.testing.assert_close(z.mean(2), mu[:, :, 0], atol=0.05, rtol=0)
+    torch.testing.assert_close(z.var(2), logvar[:, :, 0].exp(), atol=0.06, rtol=0.03)
+
+
+# --- the fused path is the same function as the explicit reference --------------------------------
+
+def reference_attention(attn: VIBAttention, x: torch.Tensor, z_noise=None):
+    """Naive per-head loop: softmax(q k^T / sqrt(d)) v, per-head Linear encode, decode, proj."""
+    B, N, C = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    qkv = x @ attn.qkv.weight.T + (attn.qkv.bias if attn.qkv.bias is not None else 0)
+    q, k, v = qkv.split(H * D, dim=-1)
+    heads = []
+    for h in range(H):
+        sl = slice(h * D, (h + 1) * D)
+        qh, kh = attn.q_norm(q[..., sl]), attn.k_norm(k[..., sl])
+        p = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(D), dim=-1)
+        delta = p @ v[..., sl]
+        stats = delta @ attn.vib.enc_weight[h] + attn.vib.enc_bias[h]
+        mu = stats[..., :attn.vib.vib_dim]
+        heads.append(mu @ attn.vib.dec_weight[h] + attn.vib.dec_bias[h])
+    out = attn.norm(torch.cat(heads, -1))
+    if attn.gate is not None:
+        out = out * torch.sigmoid(attn.gate(x))
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize('options', [{}, {'qk_norm': True}, {'gated': True}, {'scale_norm': True}, {'qkv_bias': False}])
+def test_vib_attention_equals_naive_reference(options):
+    torch.manual_seed(0)
+    attn = VIBAttention(24, num_heads=3, vib_dim=5, qkv_bias=options.pop('qkv_bias', True),
+                        norm_layer=torch.nn.LayerNorm, **options).eval()
+    x = torch.randn(2, 7, 24)
+    torch.testing.assert_close(attn(x), reference_attention(attn, x), rtol=1e-5, atol=1e-5)
+    attn.fused_attn = False  # timm's explicit softmax path
+    torch.testing.assert_close(attn(x), reference_attention(attn, x), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_and_explicit_paths_agree_in_value_kl_and_gradient():
+    m = small().train()
+    x = images()
+    torch.manual_seed(3)
+    logits_a, kl_a = m(x, return_kl=True)
+    (logits_a.square().mean() + kl_a.mean()).backward()
+    grads_a = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    for blk in m.blocks:
+        blk.attn.fold_projections = False
+    torch.manual_seed(3)
+    logits_b, kl_b = m(x, return_kl=True)
+    (logits_b.square().mean() + kl_b.mean()).backward()
+    torch.testing.assert_close(logits_a, logits_b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kl_a, kl_b, rtol=1e-4, atol=1e-4)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads_a[n], p.grad, rtol=1e-3, atol=1e-6, msg=n)
+
+
+def test_attention_mask_is_respected():
+    m = small().eval()
+    x = images()
+    n = 16
+    allowed = torch.eye(n, dtype=torch.bool)  # each token sees only itself: no communication
+    tokens = m.forward_features(x, attn_mask=allowed)
+    x2 = x.clone()
+    x2[:, :, :8, :8] += 1.0  # patch 0 only
+    tokens2 = m.forward_features(x2, attn_mask=allowed)
+    assert not torch.allclose(tokens[:, 0], tokens2[:, 0])
+    torch.testing.assert_close(tokens[:, 1:], tokens2[:, 1:])
+
+
+# --- the spectrum ---------------------------------------------------------------------------------
+
+def patch_logits(model, x):
+    return model.head(model.forward_features(x))  # [B, N, classes]: norm is per token
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_vib', 'vit_tiny_noattn', 'vit_tiny_gap'])
+def test_image_logits_are_mean_of_patch_logits(name):
+    m = small(name).eval()
+    x = images()
+    torch.testing.assert_close(m(x), patch_logits(m, x).mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_noattn_is_deepsets_and_vib_communicates():
+    x = images()
+    x2 = x.clone()
+    x2[:, :, 8:16, 16:24] = torch.randn(2, 3, 8, 8)  # patch (1, 2) = token 6
+    changed = lambda m: (patch_logits(m, x) - patch_logits(m, x2)).abs().amax(dim=(0, 2)) > 1e-6  # noqa: E731
+    noattn = small('vit_tiny_noattn').eval()
+    assert changed(noattn).tolist() == [i == 6 for i in range(16)]
+    _, kl = noattn(x, return_kl=True)
+    assert kl.shape == (2, 2, 3, 16) and torch.all(kl == 0)
+    vib = small('vit_tiny_vib', beta=0.0).eval()
+    assert changed(vib).all()
+
+
+def test_wide_bottleneck_without_noise_reproduces_plain_attention():
+    torch.manual_seed(0)
+    plain = timm.create_model('vit_tiny_gap', **SMALL).eval()
+    x = images()
+    expected = plain(x)
+    for r in (64, 80):  # head_dim and wider
+        m = timm.create_model('vit_tiny_gap', **SMALL)
+        m.load_state_dict(plain.state_dict())
+        vibify(m, vib_dim=r, beta=0.5).eval()
+        assert m.has_bottleneck and m.beta == 0.5 and m.vib_dim == r
+        torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-5)
+        _, kl = m(x, return_kl=True)
+        assert kl.shape == (2, 2, 3, 16)
+
+
+def test_vibify_a_stock_timm_vit_keeps_its_weights():
+    torch.manual_seed(0)
+    vit = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=4).eval()
+    x = images()
+    before = vit(x)
+    qkv = vit.blocks[0].attn.qkv.weight.clone()
+    vibify(vit, vib_dim=vit.blocks[0].attn.head_dim)
+    vit.eval()
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, qkv)
+    torch.testing.assert_close(vit(x), before, rtol=1e-4, atol=1e-5)
+    logits, kl = vit(x, return_kl=True)
+    assert kl.shape == (2, 2, 6, 17)  # class token included
+    assert all(n in vit.no_weight_decay() for n, _ in vit.named_parameters() if '.vib.' in n)
+    with pytest.raises(TypeError, match='VisionTransformer'):
+        vibify(torch.nn.Linear(2, 2))
+
+
+def test_gradients_reach_every_parameter():
+    for name in ('vit_tiny_vib', 'vit_tiny_noattn', 'vit_tiny_gap'):
+        m = small(name).train()
+        x = images()
+        if m.attn_mode == 'plain':
+            loss = m(x).logsumexp(-1).mean()
+        else:
+            logits, kl = m(x, return_kl=True)
+            loss = logits.logsumexp(-1).mean() + 0.1 * information_loss(kl)
+        loss.backward()
+        for n, p in m.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f'{name}: no gradient for {n}'
+
+
+@pytest.mark.parametrize('name', timm_vib.MODEL_NAMES)
+def test_every_registered_name(name):
+    assert name in timm.list_models('vit_tiny_*')
+    m = timm.create_model(name, depth=2)
+    assert m.pretrained_cfg['classifier'] == 'head' and m.pretrained_cfg['first_conv'] == 'patch_embed.proj'
+    assert m.pretrained_cfg['input_size'] == (3, 224, 224) and len(m.pretrained_cfg['mean']) == 3
+    expected_beta = timm_vib.beta_from_name(name)
+    if expected_beta is not None:
+        assert m.beta == expected_beta
+    x = torch.randn(2, 3, 224, 224)
+    m.train()
+    out = m(x)
+    assert out.shape == (2, 100)
+    out.sum().backward()
+    m.reset_classifier(7)
+    assert m(x).shape == (2, 7)
+    m = m.to(torch.bfloat16).eval()
+    with torch.no_grad():
+        y = m(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 7) and torch.isfinite(y).all()
+    if m.attn_mode != 'plain':
+        _, kl = m(x.bfloat16(), return_kl=True)
+        assert kl.dtype == torch.float32 and kl.shape == (2, 2, 3, 196)
+
+
+def test_beta_from_name_and_fixed_betas():
+    assert timm_vib.beta_from_name('vit_tiny_vib_b0p01') == 0.01
+    assert timm_vib.beta_from_name('vit_tiny_vib_b10.in100') == 10.0
+    assert timm_vib.beta_from_name('vit_tiny_vib') is None
+    assert timm.create_model('vit_tiny_vib', beta=2.5, depth=1).beta == 2.5
+    with pytest.raises(ValueError, match='beta=4'):
+        timm.create_model('vit_tiny_vib_b4', beta=1.0, depth=1)
+
+
+def test_timm_conventions():
+    m = small()
+    x = images()
+    assert m.forward_head(m.forward_features(x), pre_logits=True).shape == (2, 192)
+    assert m.group_matcher()['blocks'][0][0].startswith('^blocks')
+    # weight decay groups through timm's optimizer factory: bottleneck params never decay
+    nwd = m.no_weight_decay()
+    vib_params = [n for n, _ in m.named_parameters() if '.vib.' in n]
+    assert len(vib_params) == 2 * 4 and set(vib_params) <= nwd and 'pos_embed' not in nwd
+    opt = timm.optim.create_optimizer_v2(m, 'adamw', lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    named = dict(m.named_parameters())
+    assert id(named['pos_embed']) in decayed and id(named['blocks.0.attn.qkv.weight']) in decayed
+    assert not any(id(named[n]) in decayed for n in vib_params)
+    # gradient checkpointing gives the same function
+    m.eval()
+    ref, ref_kl = m(x, return_kl=True)
+    m.set_grad_checkpointing(True)
+    out, kl = m(x, return_kl=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(kl, ref_kl)
+    assert torch.allclose(m(x), ref)
+
+
+def test_feature_extraction():
+    m = small().eval()
+    x = images()
+    final, inter = m.forward_intermediates(x)
+    assert len(inter) == 2 and inter[0].shape == (2, 192, 4, 4)
+    torch.testing.assert_close(final, m.forward_features(x))
+    fm = timm.create_model('vit_tiny_vib', features_only=True, out_indices=(0, 1), **SMALL)
+    feats = fm(x)
+    assert [f.shape for f in feats] == [(2, 192, 4, 4)] * 2
+
+
+def test_dynamic_img_size_and_other_kwargs():
+    m = small(dynamic_img_size=True, drop_path_rate=0.1, qk_norm=True).eval()
+    _, kl = m(images(size=48), return_kl=True)
+    assert kl.shape == (2, 2, 3, 36)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('beta', [-1.0, float('nan'), float('inf'), 'high'])
+def test_bad_beta(beta):
+    with pytest.raises(ValueError, match='beta'):
+        timm.create_model('vit_tiny_vib', beta=beta, depth=1)
+    m = small()
+    with pytest.raises(ValueError, match='beta'):
+        m.beta = beta
+
+
+@pytest.mark.parametrize('vib_dim', [0, -3, 2.5])
+def test_bad_vib_dim(vib_dim):
+    with pytest.raises(ValueError, match='vib_dim'):
+        timm.create_model('vit_tiny_vib', vib_dim=vib_dim, depth=1)
+
+
+def test_bad_images():
+    m = small()
+    with pytest.raises(ValueError, match=r'32x32 images, got 48x48'):
+        m(images(size=48))
+    with pytest.raises(ValueError, match='3 input channels'):
+        m(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match='3 input channels'):
+        m(torch.randn(2, 32, 32, 3))  # channels-last by mistake
+    with pytest.raises(ValueError, match=r'\[batch, channels, height, width\]'):
+        m(torch.randn(3, 32, 32))
+
+
+def test_gap_has_no_kl_and_checkpoints_of_other_architectures_are_refused():
+    gap, vib, noattn = small('vit_tiny_gap'), small('vit_tiny_vib'), small('vit_tiny_noattn')
+    with pytest.raises(ValueError, match='no information bottleneck'):
+        gap(images(), return_kl=True)
+    with pytest.raises(ValueError, match='no bottleneck weights'):
+        vib.load_state_dict(gap.state_dict())
+    with pytest.raises(ValueError, match='belongs to a vit_tiny_vib'):
+        gap.load_state_dict(vib.state_dict())
+    with pytest.raises(ValueError, match='no attention'):
+        noattn.load_state_dict(gap.state_dict())
+    vib.load_state_dict(gap.state_dict(), strict=False)  # non-strict stays possible
+    wide = small('vit_tiny_vib', vib_dim=16)
+    with pytest.raises(RuntimeError, match='size mismatch'):
+        vib.load_state_dict(wide.state_dict())

@@ -1,0 +1,20 @@
+"""timm-vib: information bottlenecks on every attention head of timm vision transformers.
+
+``import timm_vib`` registers the ``vit_tiny_vib*``, ``vit_tiny_noattn`` and ``vit_tiny_gap``
+models with timm, so ``timm.create_model("vit_tiny_vib_b4")`` works.
+"""
+from .information import KL_REDUCTIONS, gaussian_kl, information_loss
+from .vision_transformer_vib import (
+    ATTN_MODES,
+    HUB_NAMESPACE,
+    MODEL_NAMES,
+    HeadBottleneck,
+    MlpBlock,
+    VIBAttention,
+    VIBBlock,
+    VisionTransformerVIB,
+    beta_from_name,
+    vibify,
+)
+
+__version__ = '0.1.0'

@@ -1,0 +1,695 @@
+""" Vision Transformer with an information bottleneck on every attention head's write
+
+A PyTorch implementation of `From independent patches to coordinated attention: Controlling
+information flow in vision transformers` (Murphy): a variational information bottleneck (VIB)
+sits between each head's attention output softmax(QK^T)V and the output projection, so every
+bit that one patch sends to another is paid for in nats of KL to a N(0, I) prior.
+
+The models are timm VisionTransformers (no class token, average pooling, final norm per token
+before pooling) so image logits are exactly the mean of per-patch logits:
+
+* ``vit_tiny_vib`` (beta as a kwarg) and ``vit_tiny_vib_b{0,0p01,0p1,1,4,10}``: bottlenecked ViT-Tiny;
+* ``vit_tiny_noattn``: the zero-communication end, MLP-only blocks (a DeepSets model);
+* ``vit_tiny_gap``: the unmodified ViT with the same pooling, the other end of the spectrum.
+
+Speed: the encoder and decoder are linear, so the encoder composes exactly with the value
+projection (attention rows sum to one, and the encoder bias is added after attention) and the
+decoder with the output projection. The fused path therefore runs timm's usual
+qkv -> scaled_dot_product_attention -> proj with slightly different widths, plus the sampling
+and the KL; the explicit encode/decode path is kept for scale_norm / gate and as a reference.
+"""
+import math
+import os
+import re
+from functools import partial
+from typing import Any, Dict, Literal, Mapping, Optional, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
+
+from .information import gaussian_kl
+
+__all__ = [
+    'HeadBottleneck', 'VIBAttention', 'VIBBlock', 'MlpBlock', 'VisionTransformerVIB',
+    'vibify', 'beta_from_name', 'HUB_NAMESPACE', 'ATTN_MODES', 'MODEL_NAMES',
+]
+
+ATTN_MODES = ('vib', 'none', 'plain')
+
+
+def _check_beta(beta: float) -> float:
+    try:
+        beta = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f'beta must be a number, got {beta!r}') from None
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f'beta is the information cost in the loss and must be finite and >= 0, got {beta}')
+    return beta
+
+
+def _check_vib_dim(vib_dim: int) -> int:
+    if isinstance(vib_dim, bool) or int(vib_dim) != vib_dim or vib_dim < 1:
+        raise ValueError(f'vib_dim (the latent size r per head) must be an integer >= 1, got {vib_dim!r}')
+    return int(vib_dim)
+
+
+class HeadBottleneck(nn.Module):
+    """Gaussian VIB for all heads of one layer, with stacked per-head weights.
+
+    Head h encodes its attention output (head_dim) with ``enc_weight[h]`` [head_dim, 2r] into the
+    mean (first r) and log-variance (last r) of a diagonal Gaussian, samples z (train mode, or
+    ``sample_in_eval``), and decodes with ``dec_weight[h]`` [r, head_dim]. No loop over heads.
+
+    ``forward`` takes the encoder output (so the fused attention path can compose the encoder with
+    the value projection) and returns (z, mu, logvar); forward hooks on this module therefore see
+    the posterior of every head, which is how ``timm_vib.estimators.capture`` records it.
+    """
+
+    def __init__(
+            self,
+            num_heads: int,
+            head_dim: int,
+            vib_dim: int = 32,
+            logvar_init: float = -6.0,
+            logvar_clamp: Tuple[float, float] = (-10.0, 10.0),
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.vib_dim = _check_vib_dim(vib_dim)
+        self.logvar_init = logvar_init
+        self.logvar_clamp = tuple(logvar_clamp)
+        self.sample_in_eval = False
+        r = self.vib_dim
+        self.enc_weight = nn.Parameter(torch.empty(num_heads, head_dim, 2 * r, **dd))
+        self.enc_bias = nn.Parameter(torch.empty(num_heads, 2 * r, **dd))
+        self.dec_weight = nn.Parameter(torch.empty(num_heads, r, head_dim, **dd))
+        self.dec_bias = nn.Parameter(torch.empty(num_heads, head_dim, **dd))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """nn.Linear's scale-preserving uniform init per head; log-variance bias at ``logvar_init``
+        (-6 in the reference code: the posterior starts nearly deterministic)."""
+        r = self.vib_dim
+        nn.init.uniform_(self.enc_weight, -self.head_dim ** -0.5, self.head_dim ** -0.5)
+        nn.init.uniform_(self.dec_weight, -r ** -0.5, r ** -0.5)
+        nn.init.zeros_(self.dec_bias)
+        with torch.no_grad():
+            self.enc_bias[:, :r].zero_()
+            self.enc_bias[:, r:].fill_(self.logvar_init)
+
+    def init_identity(self, generator: Optional[torch.Generator] = None) -> None:
+        """Init the means as an orthonormal projection and the decoder as its transpose.
+
+        With r >= head_dim and no sampling the bottleneck is then exactly the identity, so a
+        ``vibify``-ed pretrained model starts from the function it had.
+        """
+        H, D, r = self.num_heads, self.head_dim, self.vib_dim
+        with torch.no_grad():
+            a = torch.randn(H, max(D, r), max(D, r), generator=generator, dtype=torch.float64)
+            q = torch.linalg.qr(a).Q[:, :D, :r]  # [H, D, r] with orthonormal rows or columns
+            self.enc_weight.zero_()
+            self.enc_weight[:, :, :r].copy_(q)
+            self.dec_weight.copy_(q.transpose(1, 2))
+            self.dec_bias.zero_()
+            self.enc_bias[:, :r].zero_()
+            self.enc_bias[:, r:].fill_(self.logvar_init)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, N, head_dim] attention outputs -> [B, H, N, 2r] encoder outputs."""
+        return torch.einsum('bhnd,hde->bhne', x, self.enc_weight) + self.enc_bias[:, None]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, H, N, r] latents -> [B, H, N, head_dim] decoded head outputs."""
+        return torch.einsum('bhnr,hrd->bhnd', z, self.dec_weight) + self.dec_bias[:, None]
+
+    def forward(self, stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, H, N, 2r] encoder outputs -> z, mu, logvar, each [B, H, N, r]."""
+        mu, logvar = stats.chunk(2, dim=-1)
+        logvar = logvar.clamp(*self.logvar_clamp)
+        if self.training or self.sample_in_eval:
+            # a fresh contiguous tensor: randn_like of the strided chunk takes a slow serial path on CPU
+            eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device)
+            z = mu + torch.exp(0.5 * logvar) * eps
+        else:
+            z = mu
+        return z, mu, logvar
+
+    def extra_repr(self) -> str:
+        return f'num_heads={self.num_heads}, head_dim={self.head_dim}, vib_dim={self.vib_dim}'
+
+
+class VIBAttention(Attention):
+    """timm's multi-head self-attention with a :class:`HeadBottleneck` on each head's output.
+
+    Same constructor as :class:`timm.layers.Attention` plus ``vib_dim`` and ``vib_logvar_init``;
+    same options (qk_norm, scale_norm, gated, masks, causal, fused or explicit attention).
+    ``forward(x, return_kl=True)`` also returns the KL [B, heads, tokens] in nats (float32).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, vib_dim: int = 32, vib_logvar_init: float = -6.0, **kwargs):
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        w = self.qkv.weight
+        self.vib = HeadBottleneck(
+            self.num_heads, self.head_dim, vib_dim, vib_logvar_init, device=w.device, dtype=w.dtype)
+
+    @classmethod
+    def from_attention(cls, attn: Attention, vib_dim: int = 32, vib_logvar_init: float = -6.0) -> 'VIBAttention':
+        """Turn a timm ``Attention`` into a ``VIBAttention`` in place, keeping its weights."""
+        if isinstance(attn, VIBAttention):
+            return attn
+        if type(attn) is not Attention:
+            raise TypeError(
+                f'only timm.layers.Attention can take a bottleneck, got {type(attn).__name__} '
+                '(its forward differs, so the bottleneck cannot be placed on the head outputs)')
+        attn.__class__ = cls
+        w = attn.qkv.weight
+        attn.vib = HeadBottleneck(attn.num_heads, attn.head_dim, vib_dim, vib_logvar_init, device=w.device, dtype=w.dtype)
+        return attn
+
+    fold_projections: bool = True  # set False to run the explicit encode / decode reference path
+
+    @property
+    def can_fold(self) -> bool:
+        """The encoder composes with the value projection and the decoder with the output
+        projection unless a norm or gate sits between the head outputs and ``proj``."""
+        return self.fold_projections and isinstance(self.norm, nn.Identity) and self.gate is None
+
+    def _split_heads(self, t: torch.Tensor, B: int, N: int) -> torch.Tensor:
+        return t.reshape(B, N, self.num_heads, -1).transpose(1, 2)
+
+    def _attend(self, q, k, v, attn_mask, is_causal) -> torch.Tensor:
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return attn @ v
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            return_kl: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        B, N, C = x.shape
+        H, D, A = self.num_heads, self.head_dim, self.attn_dim
+        vib = self.vib
+        fold = self.can_fold
+        if fold:
+            # value projection composed with the encoder: [H * 2r, C]
+            w_q, w_k, w_v = self.qkv.weight.split(A)
+            w_ve = torch.einsum('hdc,hde->hec', w_v.reshape(H, D, C), vib.enc_weight).reshape(-1, C)
+            weight, bias = torch.cat([w_q, w_k, w_ve]), None
+            if self.qkv.bias is not None:
+                b_q, b_k, b_v = self.qkv.bias.split(A)
+                bias = torch.cat([b_q, b_k, torch.einsum('hd,hde->he', b_v.reshape(H, D), vib.enc_weight).reshape(-1)])
+            q, k, v = F.linear(x, weight, bias).split([A, A, H * 2 * vib.vib_dim], dim=-1)
+        else:
+            q, k, v = self.qkv(x).split(A, dim=-1)
+        q, k, v = (self._split_heads(t, B, N) for t in (q, k, v))
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = self._attend(q, k, v, attn_mask, is_causal)
+
+        if fold:
+            stats = out + vib.enc_bias[:, None]
+        else:
+            stats = vib.encode(out)
+        z, mu, logvar = vib(stats)
+
+        if fold:
+            # decoder composed with the output projection: [C, H * r]
+            w_p = self.proj.weight
+            w_out = torch.einsum('chd,hrd->chr', w_p.reshape(-1, H, D), vib.dec_weight).reshape(w_p.shape[0], -1)
+            b_out = w_p @ vib.dec_bias.reshape(-1)
+            if self.proj.bias is not None:
+                b_out = b_out + self.proj.bias
+            x_out = F.linear(z.transpose(1, 2).reshape(B, N, -1), w_out, b_out)
+        else:
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            x_out = self.norm(vib.decode(z).transpose(1, 2).reshape(B, N, A))
+            if gate is not None:
+                x_out = x_out * gate
+            x_out = self.proj(x_out)
+        x_out = self.proj_drop(x_out)
+        if return_kl:
+            return x_out, gaussian_kl(mu, logvar)
+        return x_out
+
+
+class VIBBlock(Block):
+    """timm's pre-norm transformer ``Block`` whose attention is a :class:`VIBAttention`.
+
+    ``forward(x)`` returns tokens as a timm block does (so ``nn.Sequential``, feature extraction and
+    ``forward_intermediates`` work); ``forward(x, return_kl=True)`` returns (tokens, kl [B, heads, N]).
+    """
+
+    def __init__(self, dim: int, num_heads: int, vib_dim: int = 32, vib_logvar_init: float = -6.0, **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        VIBAttention.from_attention(self.attn, vib_dim, vib_logvar_init)
+
+    @classmethod
+    def from_block(cls, block: Block, vib_dim: int = 32, vib_logvar_init: float = -6.0) -> 'VIBBlock':
+        """Turn a timm ``Block`` into a ``VIBBlock`` in place, keeping its weights."""
+        if isinstance(block, VIBBlock):
+            return block
+        if type(block) is not Block:
+            raise TypeError(f'only timm Block can take a bottleneck, got {type(block).__name__}')
+        VIBAttention.from_attention(block.attn, vib_dim, vib_logvar_init)
+        block.__class__ = cls
+        return block
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            return_kl: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, return_kl=return_kl)
+        a, kl = a if return_kl else (a, None)
+        x = x + self.drop_path1(self.ls1(a))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, kl) if return_kl else x
+
+
+class MlpBlock(nn.Module):
+    """A transformer block with its attention branch removed: tokens never communicate.
+
+    Takes the arguments of timm's ``Block`` (attention ones are ignored) and keeps its parameter
+    names (norm2, mlp, ls2), so the MLP weights line up with those of a full block.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            proj_bias: bool = True,
+            proj_drop: float = 0.,
+            init_values: Optional[float] = None,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            mlp_layer: Type[nn.Module] = Mlp,
+            scale_mlp_norm: bool = False,
+            device=None,
+            dtype=None,
+            **attn_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_heads = num_heads  # the KL it reports (zero) keeps the [heads] axis of its siblings
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = mlp_layer(
+            in_features=dim,
+            hidden_features=int(dim * mlp_ratio),
+            act_layer=act_layer,
+            norm_layer=norm_layer if scale_mlp_norm else None,
+            bias=proj_bias,
+            drop=proj_drop,
+            **dd,
+        )
+        self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            return_kl: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if return_kl:
+            return x, x.new_zeros(x.shape[0], self.num_heads, x.shape[1], dtype=torch.float32)
+        return x
+
+
+class VIBMixin:
+    """What a VisionTransformer gains from bottlenecks: ``beta``, ``return_kl`` and clear errors.
+
+    Mixed into :class:`VisionTransformerVIB`, and into the class of a model that :func:`vibify` converts.
+    """
+    attn_mode: str = 'vib'
+
+    @property
+    def beta(self) -> float:
+        """Information cost: the loss is CE + beta * information_loss(kl)."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = _check_beta(value)
+
+    @property
+    def has_bottleneck(self) -> bool:
+        return self.attn_mode == 'vib'
+
+    def bottlenecks(self):
+        """The :class:`HeadBottleneck` of every block, in depth order."""
+        return [m for m in self.modules() if isinstance(m, HeadBottleneck)]
+
+    @property
+    def vib_dim(self) -> Optional[int]:
+        b = self.bottlenecks()
+        return b[0].vib_dim if b else None
+
+    @property
+    def stochastic_eval(self) -> bool:
+        """If True, eval mode samples z as training does (the paper's stochastic validation);
+        if False (default), eval mode uses the posterior mean mu."""
+        return any(b.sample_in_eval for b in self.bottlenecks())
+
+    @stochastic_eval.setter
+    def stochastic_eval(self, enabled: bool) -> None:
+        if not self.has_bottleneck:
+            raise ValueError(f'{self._name()} has no bottleneck to sample from (attn_mode={self.attn_mode!r})')
+        for b in self.bottlenecks():
+            b.sample_in_eval = bool(enabled)
+
+    def set_stochastic_eval(self, enabled: bool = True) -> 'VIBMixin':
+        self.stochastic_eval = enabled
+        return self
+
+    def _name(self) -> str:
+        cfg = getattr(self, 'pretrained_cfg', None) or {}
+        return cfg.get('architecture', type(self).__name__)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Prefix tokens and every bottleneck parameter (appendix A). Unlike timm's ViT default,
+        pos_embed is decayed, as in the paper."""
+        names = {'cls_token', 'reg_token', 'dist_token'}
+        names |= {n for n, _ in self.named_parameters() if '.vib.' in n}
+        return names
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'{self._name()} expects images [batch, channels, height, width], got {shape}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'{self._name()} expects {self.in_chans} input channels (NCHW), got {x.shape[1]} '
+                f'in an input of shape {tuple(x.shape)}')
+        pe = self.patch_embed
+        if not self.dynamic_img_size and getattr(pe, 'strict_img_size', False) and not getattr(pe, 'dynamic_img_pad', False):
+            if tuple(x.shape[-2:]) != tuple(pe.img_size):
+                raise ValueError(
+                    f'{self._name()} was built for {pe.img_size[0]}x{pe.img_size[1]} images, got '
+                    f'{x.shape[-2]}x{x.shape[-1]}; resize the input, or create the model with '
+                    f'img_size={x.shape[-2]} (or dynamic_img_size=True)')
+
+    def _run_blocks(self, x, attn_mask, is_causal, return_kl):
+        if not return_kl and attn_mask is None and not is_causal:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                return checkpoint_seq(self.blocks, x), None
+            return self.blocks(x), None
+        kls = []
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                out = checkpoint(blk, x, attn_mask, is_causal, return_kl, use_reentrant=False)
+            else:
+                out = blk(x, attn_mask=attn_mask, is_causal=is_causal, return_kl=return_kl)
+            x, kl = out if return_kl else (out, None)
+            kls.append(kl)
+        return x, (torch.stack(kls, dim=1) if return_kl else None)
+
+    def forward_features(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            return_kl: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Images [B, C, H, W] -> normed tokens [B, N, embed_dim] (and kl [B, depth, heads, N] in nats)."""
+        if return_kl and self.attn_mode == 'plain':
+            raise ValueError(
+                f'{self._name()} has no information bottleneck (attn_mode={self.attn_mode!r}): its attention '
+                'writes are unrestricted, so there is no KL to return; call model(x) without return_kl')
+        self._check_input(x)
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        x, kl = self._run_blocks(x, attn_mask, is_causal, return_kl)
+        x = self.norm(x)
+        return (x, kl) if return_kl else x
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            return_kl: bool = False,
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Images [B, C, H, W] -> logits [B, classes]; with ``return_kl`` also kl [B, depth, heads, tokens]
+        float32 in nats (zeros for the attention-free model; an error for a model without bottleneck)."""
+        out = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal, return_kl=return_kl)
+        x, kl = out if return_kl else (out, None)
+        x = self.forward_head(x)
+        return (x, kl) if return_kl else x
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        if strict:
+            mine = any('.vib.' in k for k, _ in self.named_parameters())
+            theirs = any('.vib.' in k for k in state_dict)
+            if mine and not theirs:
+                raise ValueError(
+                    f'{self._name()} has an information bottleneck in every attention head, but this state dict '
+                    'has no bottleneck weights (".attn.vib.*"): it comes from a model without bottlenecks '
+                    '(vit_tiny_gap, vit_tiny_noattn or a plain timm ViT). Load it into that architecture, '
+                    'or put bottlenecks into it with timm_vib.vibify(model)')
+            if theirs and not mine:
+                raise ValueError(
+                    f'this state dict has information bottleneck weights (".attn.vib.*") but {self._name()} '
+                    f'(attn_mode={self.attn_mode!r}) has none: it belongs to a vit_tiny_vib model')
+            has_attn = any('.attn.' in k for k, _ in self.named_parameters())
+            if not has_attn and any('.attn.' in k for k in state_dict):
+                raise ValueError(
+                    f'this state dict has attention weights but {self._name()} has no attention (MLP-only '
+                    'blocks): load it into the architecture it came from')
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class VisionTransformerVIB(VIBMixin, VisionTransformer):
+    """A timm VisionTransformer whose attention heads write through Gaussian bottlenecks.
+
+    Args:
+        beta: information cost (>= 0) that training multiplies the information loss by.
+        vib_dim: latent size r of every head's bottleneck.
+        attn_mode: ``'vib'`` bottlenecked attention; ``'none'`` MLP-only blocks (zero communication);
+            ``'plain'`` timm's attention unchanged (no bottleneck, no KL).
+        vib_logvar_init: initial log-variance bias of the posteriors.
+        stochastic_eval: sample z in eval mode too (default: the posterior mean).
+        **kwargs: timm ``VisionTransformer`` arguments, passed straight through.
+    """
+
+    def __init__(
+            self,
+            beta: float = 1.0,
+            vib_dim: int = 32,
+            attn_mode: Literal['vib', 'none', 'plain'] = 'vib',
+            vib_logvar_init: float = -6.0,
+            stochastic_eval: bool = False,
+            **kwargs: Any,
+    ) -> None:
+        if attn_mode not in ATTN_MODES:
+            raise ValueError(f'attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}')
+        beta = _check_beta(beta)
+        vib_dim = _check_vib_dim(vib_dim)
+        if attn_mode == 'vib':
+            if 'block_fn' in kwargs:
+                raise ValueError('block_fn is set by attn_mode; use timm_vib.vibify for other block types')
+            kwargs['block_fn'] = partial(VIBBlock, vib_dim=vib_dim, vib_logvar_init=vib_logvar_init)
+        elif attn_mode == 'none':
+            kwargs['block_fn'] = MlpBlock
+        super().__init__(**kwargs)
+        self.attn_mode = attn_mode
+        self.beta = beta
+        if attn_mode == 'vib':
+            self.stochastic_eval = stochastic_eval
+
+
+_vibified_classes: Dict[type, type] = {VisionTransformer: VisionTransformerVIB}
+
+
+def vibify(
+        model: VisionTransformer,
+        vib_dim: int = 32,
+        beta: float = 1.0,
+        vib_logvar_init: float = -6.0,
+        init: Literal['identity', 'random'] = 'identity',
+        seed: int = 0,
+) -> VisionTransformer:
+    """Put a Gaussian bottleneck on every attention head of a timm VisionTransformer, in place.
+
+    Every other weight is kept. With ``init='identity'`` the means start as an orthonormal
+    projection of each head's output and the decoder as its transpose, so with vib_dim >= head_dim
+    the model in eval mode computes exactly what it computed before (up to float rounding);
+    ``init='random'`` uses the from-scratch init. The model gains ``beta``,
+    ``model(x, return_kl=True)``, ``stochastic_eval`` and bottleneck-aware ``no_weight_decay``.
+
+    Returns the same model object (its class becomes a VIB subclass of its class).
+    """
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f'vibify takes a timm VisionTransformer, got {type(model).__name__}')
+    if getattr(model, 'attn_mode', None) == 'none':
+        raise ValueError('cannot vibify an attention-free model (attn_mode="none"): it has no heads to bottleneck')
+    beta = _check_beta(beta)
+    vib_dim = _check_vib_dim(vib_dim)
+    if init not in ('identity', 'random'):
+        raise ValueError(f"init must be 'identity' or 'random', got {init!r}")
+    generator = torch.Generator().manual_seed(seed)
+    for blk in model.blocks:
+        fresh = not isinstance(blk, VIBBlock)
+        VIBBlock.from_block(blk, vib_dim, vib_logvar_init)
+        if fresh and init == 'identity':
+            blk.attn.vib.init_identity(generator)
+    cls = type(model)
+    if not isinstance(model, VIBMixin):
+        if cls not in _vibified_classes:
+            _vibified_classes[cls] = type(f'{cls.__name__}VIB', (VIBMixin, cls), {'__module__': __name__})
+        model.__class__ = _vibified_classes[cls]
+    model.attn_mode = 'vib'
+    model.beta = beta
+    return model
+
+
+def beta_from_name(name: str) -> Optional[float]:
+    """``'vit_tiny_vib_b0p01'`` -> 0.01; None for names without a fixed beta."""
+    m = re.search(r'_b(\d+(?:p\d+)?)(?:\.|$)', name)
+    return float(m.group(1).replace('p', '.')) if m else None
+
+
+def _filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformerVIB) -> Dict[str, torch.Tensor]:
+    state_dict = state_dict.get('model', state_dict)
+    state_dict = state_dict.get('state_dict', state_dict)
+    # only the ViT pos_embed / patch resampling of timm's filter; the vib weights pass through as they are
+    return checkpoint_filter_fn(state_dict, model)
+
+
+def _create_vit_vib(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        VisionTransformerVIB,
+        variant,
+        pretrained,
+        pretrained_filter_fn=_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+# Where `pretrained=True` looks: set TIMM_VIB_HUB_NAMESPACE before importing timm_vib to use your own
+# organisation's published spectrum.
+HUB_NAMESPACE = os.environ.get('TIMM_VIB_HUB_NAMESPACE', 'timm-vib')
+
+VIT_TINY_ARGS = dict(
+    patch_size=16, embed_dim=192, depth=12, num_heads=3,
+    class_token=False, global_pool='avg', fc_norm=False,  # final norm per token, then mean: logits = mean of patch logits
+)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 100,  # ImageNet-100 (Tian et al. 2020)
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+_BETA_NAMES = {'b0': 0.0, 'b0p01': 0.01, 'b0p1': 0.1, 'b1': 1.0, 'b4': 4.0, 'b10': 10.0}
+MODEL_NAMES = (
+    ['vit_tiny_vib'] + [f'vit_tiny_vib_{b}' for b in _BETA_NAMES] + ['vit_tiny_noattn', 'vit_tiny_gap'])
+
+default_cfgs = generate_default_cfgs({
+    f'{name}.in100': _cfg(hf_hub_id=f'{HUB_NAMESPACE}/{name}.in100') for name in MODEL_NAMES
+})
+
+
+def _create_fixed_beta(variant: str, fixed_beta: float, pretrained: bool, **kwargs) -> VisionTransformerVIB:
+    if 'beta' in kwargs and _check_beta(kwargs['beta']) != fixed_beta:
+        raise ValueError(
+            f'{variant} has beta={fixed_beta:g} in its name; use vit_tiny_vib(beta={kwargs["beta"]}) for another value')
+    kwargs['beta'] = fixed_beta
+    return _create_vit_vib(variant, pretrained=pretrained, **dict(VIT_TINY_ARGS, **kwargs))
+
+
+@register_model
+def vit_tiny_vib(pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    """ViT-Tiny/16 with a bottleneck on every head (36), beta from the kwargs (default 1)."""
+    return _create_vit_vib('vit_tiny_vib', pretrained=pretrained, **dict(VIT_TINY_ARGS, **kwargs))
+
+
+@register_model
+def vit_tiny_vib_b0(pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    """Bottlenecked ViT-Tiny trained with beta = 0 (bottlenecks with no information cost)."""
+    return _create_fixed_beta('vit_tiny_vib_b0', 0.0, pretrained, **kwargs)
+
+
+@register_model
+def vit_tiny_vib_b0p01(pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    """Bottlenecked ViT-Tiny, beta = 0.01 (all 36 heads active in the paper)."""
+    return _create_fixed_beta('vit_tiny_vib_b0p01', 0.01, pretrained, **kwargs)
+
+
+@register_model
+def vit_tiny_vib_b0p1(pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    """Bottlenecked ViT-Tiny, beta = 0.1."""
+    return _create_fixed_beta('vit_tiny_vib_b0p1', 0.1, pretrained, **kwargs)
+
+
+@register_model
+def vit_tiny_vib_b1(pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    """Bottlenecked ViT-Tiny, beta = 1 (14 active heads in the paper)."""
+    return _create_fixed_beta('vit_tiny_vib_b1', 1.0, pretrained, **kwargs)
+
+
+@register_model
+def vit_tiny_vib_b4(pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    """Bottlenecked ViT-Tiny, beta = 4 (4 active heads in the paper)."""
+    return _create_fixed_beta('vit_tiny_vib_b4', 4.0, pretrained, **kwargs)
+
+
+@register_model
+def vit_tiny_vib_b10(pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    """Bottlenecked ViT-Tiny, beta = 10 (1 active head in the paper)."""
+    return _create_fixed_beta('vit_tiny_vib_b10', 10.0, pretrained, **kwargs)
+
+
+@register_model
+def vit_tiny_noattn(pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    """ViT-Tiny with the attention branch removed from every block: independent patches (DeepSets)."""
+    kwargs.setdefault('beta', 0.0)
+    return _create_vit_vib('vit_tiny_noattn', pretrained=pretrained, attn_mode='none', **dict(VIT_TINY_ARGS, **kwargs))
+
+
+@register_model
+def vit_tiny_gap(pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
+    """Unmodified ViT-Tiny with the same pooling (no class token, per-token norm, mean): the full-attention end."""
+    kwargs.setdefault('beta', 0.0)
+    return _create_vit_vib('vit_tiny_gap', pretrained=pretrained, attn_mode='plain', **dict(VIT_TINY_ARGS, **kwargs))
