@@ -1,0 +1,109 @@
+"""Model folders: ``model.safetensors`` + timm's ``config.json``, the format of the Hugging Face Hub.
+
+A folder written by :func:`save_model` loads with ``timm.create_model("local-dir:FOLDER")`` (after
+``import timm_vib``) or :func:`load_model`, and is what a Hub repo of a timm model holds.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from timm.models import create_model, is_model
+from timm.models._hub import save_for_hf
+
+__all__ = ['save_model', 'load_model', 'read_config', 'copy_model', 'WEIGHTS_NAME', 'CONFIG_NAME']
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+
+
+def save_model(
+        model: torch.nn.Module,
+        folder: Union[str, os.PathLike],
+        model_args: Optional[Dict[str, Any]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        architecture: Optional[str] = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (timm's Hub format) into ``folder``.
+
+    Args:
+        model: a timm model created through ``timm.create_model`` (its factory kwargs are recorded).
+        model_args: extra / replacement kwargs for ``timm.create_model`` (e.g. ``{'beta': 2.0}``).
+        data_config: preprocessing of the weights (mean, std, input_size, crop_pct, interpolation).
+        architecture: registered name to record instead of the one the model was created with.
+
+    Each file is written to a temporary name and renamed, so an interruption leaves the previous
+    files intact. Returns the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix='.save-', dir=folder) as tmp:
+        save_for_hf(model, tmp, model_args=model_args, safe_serialization=True, data_config=data_config)
+        if architecture:  # save_for_hf keeps the model's own name; the recorded one must match the args
+            cfg_path = Path(tmp) / CONFIG_NAME
+            cfg = json.loads(cfg_path.read_text())
+            cfg['architecture'] = architecture
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            with open(Path(tmp) / name, 'rb+') as f:
+                os.fsync(f.fileno())
+            os.replace(Path(tmp) / name, folder / name)
+    return folder
+
+
+def read_config(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """``config.json`` of a model folder, with clear errors for a missing or corrupt one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f'model folder {folder} does not exist')
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f'{folder} has no {CONFIG_NAME}: not a model folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})')
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path} is corrupt (not valid JSON: {e})') from None
+    if not isinstance(cfg, dict) or 'architecture' not in cfg:
+        raise ValueError(f'{path} is not a timm model config (no "architecture" field)')
+    return cfg
+
+
+def load_model(folder: Union[str, os.PathLike], **kwargs: Any) -> torch.nn.Module:
+    """Rebuild the model saved in ``folder`` with its weights (``timm.create_model('local-dir:...')``).
+
+    Extra kwargs go to ``timm.create_model``. Errors name the problem: missing folder or files,
+    corrupt config or weights, an architecture that is not registered (is ``timm_vib`` imported?),
+    weights of another architecture.
+    """
+    import timm_vib  # noqa: F401  (registers the architectures)
+    folder = Path(folder)
+    cfg = read_config(folder)
+    arch = cfg['architecture']
+    if not is_model(arch):
+        raise ValueError(f'{folder}: architecture {arch!r} is not registered with timm')
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f'{folder} has no {WEIGHTS_NAME}')
+    try:
+        return create_model(f'local-dir:{folder}', pretrained=True, **kwargs)
+    except SafetensorError as e:
+        raise ValueError(f'{weights} is corrupt ({e})') from None
+    except RuntimeError as e:
+        if 'size mismatch' in str(e) or 'Missing key' in str(e) or 'Unexpected key' in str(e):
+            first = str(e).strip().splitlines()[:3]
+            raise ValueError(f'{weights} does not fit {arch} as configured in {CONFIG_NAME}: ' + ' '.join(first)) from None
+        raise
+
+
+def copy_model(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> Path:
+    """Copy the two files of a model folder (e.g. a run's final weights into a Hub folder)."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        shutil.copyfile(Path(src) / name, dst / f'.{name}.tmp')
+        os.replace(dst / f'.{name}.tmp', dst / name)
+    return dst
