@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument('--batch-size', type=int, default=2)
     tour.add_argument('--seed', type=int, default=0)
     tour.set_defaults(func=_tour)
+
+    from . import hub
+    hub.add_commands(sub)
     return parser
 
 

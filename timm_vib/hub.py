@@ -1,0 +1,306 @@
+"""Publishing runs to the Hugging Face Hub: a Hub folder per run (weights, timm config, card, metrics).
+
+``export(run_dir, folder)`` turns a finished training run into the folder a Hub repo holds;
+``push(run_dir, repo_id)`` uploads it with ``HfApi`` (create_repo + upload_folder). The card is built
+from ``hub_cards/`` (template + per-model metadata) with huggingface_hub's ``ModelCard`` /
+``ModelCardData``, and carries the run's measured numbers. A published folder loads with
+``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``; the registered names load their default
+repos under ``TIMM_VIB_HUB_NAMESPACE`` with ``pretrained=True``.
+"""
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+from urllib.parse import urlparse
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, copy_model, read_config
+from .figures import plot_accuracy_vs_information
+
+__all__ = ['export', 'push', 'push_sweep', 'build_card', 'repo_name', 'HubUnreachableError', 'find_runs', 'FIGURE_NAME']
+
+PathLike = Union[str, os.PathLike]
+FIGURE_NAME = 'accuracy_vs_information.png'
+RUN_FILES = ('metrics.jsonl', 'run_config.json', 'summary.json')
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hub cannot be reached (offline mode, or no network): nothing was uploaded."""
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{path} is missing') from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is corrupt (not valid JSON: {e})') from None
+
+
+def _check_run(run_dir: Path) -> Dict[str, Any]:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f'run folder {run_dir} does not exist')
+    if not (run_dir / 'summary.json').is_file():
+        raise FileNotFoundError(
+            f'{run_dir} has no summary.json: the run is not finished (or this is not a run folder)')
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f'{run_dir} has no {name}: the run did not write its final weights')
+    read_config(run_dir)
+    return _read_json(run_dir / 'summary.json')
+
+
+def find_runs(folder: PathLike) -> List[Path]:
+    """Finished run folders (with ``summary.json``) directly inside ``folder`` (a sweep), sorted."""
+    return sorted(p.parent for p in Path(folder).glob('*/summary.json'))
+
+
+def _card_metadata() -> Dict[str, Any]:
+    return json.loads(resources.files('hub_cards').joinpath('models.json').read_text())
+
+
+def build_card(run_dir: PathLike, repo_id: str, figure: Optional[str] = None) -> ModelCard:
+    """The model card of a finished run: YAML metadata (library timm, tags, datasets, license,
+    model-index with the measured top-1 / top-5 / nats) and the text from ``hub_cards/``."""
+    run_dir = Path(run_dir)
+    summary = _check_run(run_dir)
+    run_cfg = _read_json(run_dir / 'run_config.json') if (run_dir / 'run_config.json').is_file() else {}
+    timm_cfg = read_config(run_dir)
+    arch = timm_cfg['architecture']
+    meta_all = _card_metadata()
+    meta = meta_all.get(summary.get('model', arch)) or meta_all.get(arch) or meta_all['vit_tiny_vib']
+    dataset = str(summary.get('dataset', run_cfg.get('data', 'unknown')))
+    dataset_name = {'digits': 'scikit-learn digits', 'fashion-mnist': 'Fashion-MNIST'}.get(dataset, Path(dataset).name or dataset)
+    model_name = repo_id.split('/')[-1]
+
+    results = [EvalResult(
+        task_type='image-classification', dataset_type=dataset, dataset_name=dataset_name,
+        dataset_split='validation', metric_type='accuracy', metric_name='top-1 accuracy (%)',
+        metric_value=round(float(summary['val_top1']), 3))]
+    if summary.get('val_top5') is not None:
+        results.append(EvalResult(
+            task_type='image-classification', dataset_type=dataset, dataset_name=dataset_name,
+            dataset_split='validation', metric_type='top-5-accuracy', metric_name='top-5 accuracy (%)',
+            metric_value=round(float(summary['val_top5']), 3)))
+    if summary.get('attn_mode') != 'plain' and summary.get('nats_per_image') is not None:
+        results.append(EvalResult(
+            task_type='image-classification', dataset_type=dataset, dataset_name=dataset_name,
+            dataset_split='validation', metric_type='information', metric_name='nats per image written by attention',
+            metric_value=round(float(summary['nats_per_image']), 4)))
+    card_data = ModelCardData(
+        library_name='timm',
+        license='apache-2.0',
+        tags=['image-classification', 'timm', 'timm-vib', 'vision-transformer', 'information-bottleneck',
+              'interpretability'],
+        datasets=[dataset],
+        metrics=['accuracy'],
+        pipeline_tag='image-classification',
+        model_name=model_name,
+        eval_results=results,
+        # the measured numbers, machine-readable beside model-index
+        timm_vib={k: summary.get(k) for k in (
+            'model', 'beta', 'attn_mode', 'kl_reduction', 'vib_dim', 'val_top1', 'val_top5',
+            'nats_per_image', 'nats_per_patch', 'num_active_heads', 'active_heads', 'stochastic_eval')},
+    )
+    args = timm_cfg.get('model_args', {})
+    img = args.get('img_size', timm_cfg.get('pretrained_cfg', {}).get('input_size', [3, 224])[-1])
+    img = img[0] if isinstance(img, (list, tuple)) else img
+    template = resources.files('hub_cards').joinpath('modelcard_template.md').read_text()
+    return ModelCard.from_template(
+        card_data,
+        template_str=template,
+        repo_id=repo_id,
+        meta=meta,
+        dataset_name=dataset_name,
+        attn_mode=summary.get('attn_mode', 'vib'),
+        beta=f"{float(summary.get('beta', 0)):g}",
+        vib_dim=summary.get('vib_dim'),
+        depth=summary.get('depth', args.get('depth', 12)),
+        num_heads=summary.get('num_heads', args.get('num_heads', 3)),
+        embed_dim=args.get('embed_dim', 192),
+        patch_size=summary.get('patch_size', args.get('patch_size', 16)),
+        img_size=summary.get('img_size', img),
+        num_classes=summary.get('num_classes', timm_cfg.get('num_classes')),
+        top1=float(summary['val_top1']),
+        top5=summary.get('val_top5'),
+        stochastic=summary.get('stochastic_eval'),
+        nats_per_image=summary.get('nats_per_image') or 0.0,
+        nats_per_patch=summary.get('nats_per_patch') or 0.0,
+        num_active_heads=summary.get('num_active_heads', 0),
+        active_heads=summary.get('active_heads') or [],
+        figure=figure,
+        class_list=run_cfg.get('class_list'),
+        lr=run_cfg.get('lr', 6e-4),
+        weight_decay=run_cfg.get('weight_decay', 0.05),
+        warmup_epochs=run_cfg.get('warmup_epochs', 10),
+        epochs=summary.get('epochs', run_cfg.get('epochs')),
+        batch_size=run_cfg.get('batch_size'),
+        seed=run_cfg.get('seed'),
+        mixed_precision=run_cfg.get('mixed_precision', 'no'),
+        kl_reduction=summary.get('kl_reduction', run_cfg.get('kl_reduction', 'mean')),
+        beta_warmup_epochs=run_cfg.get('beta_warmup_epochs', 0),
+    )
+
+
+def export(run_dir: PathLike, folder: PathLike, repo_id: Optional[str] = None) -> Path:
+    """Write the Hub folder of a finished run: model.safetensors, config.json (timm's format),
+    README.md (the card), metrics.jsonl, run_config.json, summary.json, and the
+    accuracy-vs-information figure when the run sits in a sweep folder beside other runs.
+
+    The folder is assembled in a temporary sibling and renamed into place, so an interruption
+    never leaves a half-written Hub folder. Returns the folder.
+    """
+    run_dir, folder = Path(run_dir), Path(folder)
+    summary = _check_run(run_dir)
+    repo_id = repo_id or f"{os.environ.get('TIMM_VIB_HUB_NAMESPACE', 'timm-vib')}/{summary.get('model', read_config(run_dir)['architecture'])}"
+    if folder.resolve() == run_dir.resolve():
+        raise ValueError('the Hub folder must differ from the run folder')
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.', dir=folder.parent))
+    try:
+        copy_model(run_dir, staging)
+        for name in RUN_FILES:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, staging / name)
+        siblings = [r for r in find_runs(run_dir.parent)]
+        figure = None
+        if len(siblings) > 1 and run_dir.resolve() in [r.resolve() for r in siblings]:
+            plot_accuracy_vs_information(
+                [_read_json(r / 'summary.json') for r in siblings], staging / FIGURE_NAME,
+                title=f'{run_dir.parent.name}: accuracy vs information')
+            figure = FIGURE_NAME
+        build_card(run_dir, repo_id, figure=figure).save(staging / 'README.md')
+        if folder.exists():
+            old = folder.with_name(f'.{folder.name}.old')
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(staging, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def check_hub_reachable(timeout: float = 5.0) -> None:
+    """Fail at once, with a clear message, when the Hub cannot be reached (never hang)."""
+    from huggingface_hub import constants
+    if constants.is_offline_mode():
+        raise HubUnreachableError(
+            'the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE=1): nothing was uploaded. Unset '
+            'HF_HUB_OFFLINE to push, or use --dry-run to only write the Hub folder')
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == 'https' else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise HubUnreachableError(
+            f'cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({e}): nothing was uploaded. '
+            'Check the network, or use --dry-run to only write the Hub folder') from None
+
+
+def push(
+        run_dir: PathLike,
+        repo_id: str,
+        folder: Optional[PathLike] = None,
+        dry_run: bool = False,
+        private: bool = False,
+        token: Optional[str] = None,
+        commit_message: Optional[str] = None,
+) -> str:
+    """Export ``run_dir`` and upload it to ``repo_id`` (create_repo + upload_folder).
+
+    The token comes from ``token``, HF_TOKEN or ``huggingface-cli login``. With ``dry_run`` only the
+    folder is written (``folder``, or ``RUN_DIR/hub``). Returns the repo URL, or the folder path.
+    """
+    if not repo_id or repo_id.count('/') != 1:
+        raise ValueError(f'repo_id must look like ORG/NAME, got {repo_id!r}')
+    if not dry_run:
+        check_hub_reachable()  # before any work: offline must fail fast
+    out = export(run_dir, Path(folder) if folder else Path(run_dir) / 'hub', repo_id=repo_id)
+    if dry_run:
+        return str(out)
+    from huggingface_hub import HfApi
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+    api.upload_folder(folder_path=out, repo_id=repo_id, repo_type='model',
+                      commit_message=commit_message or f'Upload {Path(run_dir).name} with timm-vib')
+    return str(url)
+
+
+def repo_name(summary: Dict[str, Any]) -> str:
+    """Repo name of a run: the registered name whose beta it has (``vit_tiny_vib_b0p01``) for ViT-Tiny
+    bottleneck runs, else the model name (``vit_tiny_noattn``, ``vit_tiny_gap``, ...)."""
+    model = summary['model']
+    if summary.get('attn_mode') == 'vib' and model.startswith('vit_tiny_vib'):
+        return 'vit_tiny_vib_b' + f"{float(summary['beta']):g}".replace('.', 'p')
+    return model
+
+
+def push_sweep(
+        sweep_dir: PathLike, namespace: str, suffix: str = '', folder: Optional[PathLike] = None, **kwargs: Any,
+) -> List[str]:
+    """Push every finished run of a sweep folder to ``NAMESPACE/<repo_name><suffix>`` (suffix e.g. '.in100').
+
+    With ``folder`` each run's Hub folder is written to ``folder/<repo_name><suffix>``."""
+    runs = find_runs(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(f'{sweep_dir} holds no finished runs (no */summary.json)')
+    if not kwargs.get('dry_run'):
+        check_hub_reachable()
+    out = []
+    for run in runs:
+        name = repo_name(_read_json(run / 'summary.json')) + suffix
+        out.append(push(run, f'{namespace}/{name}', folder=Path(folder) / name if folder else None, **kwargs))
+    return out
+
+
+def add_commands(sub: Any) -> None:
+    """``timm-vib export`` and ``timm-vib push`` sub-commands."""
+    p = sub.add_parser('export', help='write the Hugging Face Hub folder of a finished run')
+    p.add_argument('run_dir', type=Path)
+    p.add_argument('folder', type=Path)
+    p.add_argument('--repo-id', default=None, help='repo the card refers to (default NAMESPACE/<model>)')
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser('push', help='upload a run (or every run of a sweep folder) to the Hugging Face Hub')
+    p.add_argument('run_dir', type=Path, help='a run folder, or a sweep folder of runs')
+    p.add_argument('--repo-id', default=None, help='ORG/NAME for one run')
+    p.add_argument('--namespace', default=None, help='ORG for a sweep: each run goes to ORG/<model><suffix>')
+    p.add_argument('--suffix', default='', help="appended to each sweep repo name, e.g. '.in100'")
+    p.add_argument('--folder', type=Path, default=None, help='where to write the Hub folder(s)')
+    p.add_argument('--private', action='store_true')
+    p.add_argument('--dry-run', action='store_true', help='only write the Hub folder(s), upload nothing')
+    p.set_defaults(func=_cmd_push)
+
+
+def _cmd_export(args: Any) -> int:
+    print(export(args.run_dir, args.folder, repo_id=args.repo_id))
+    return 0
+
+
+def _cmd_push(args: Any) -> int:
+    try:
+        if (Path(args.run_dir) / 'summary.json').is_file():
+            if not args.repo_id:
+                raise ValueError('--repo-id ORG/NAME is required to push one run')
+            out = [push(args.run_dir, args.repo_id, folder=args.folder, dry_run=args.dry_run, private=args.private)]
+        else:
+            namespace = args.namespace or (args.repo_id.split('/')[0] if args.repo_id else None)
+            if not namespace:
+                raise ValueError('--namespace ORG is required to push a sweep folder')
+            out = push_sweep(args.run_dir, namespace, suffix=args.suffix, folder=args.folder,
+                             dry_run=args.dry_run, private=args.private)
+    except (HubUnreachableError, FileNotFoundError, ValueError) as e:
+        print(f'timm-vib push: error: {e}', file=sys.stderr)
+        return 2
+    print('\n'.join(out))
+    return 0
