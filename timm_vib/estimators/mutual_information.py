@@ -17,7 +17,7 @@ log-variances reach -10 (1/s^2 ~ 2e4), where u^2/s^2 - 2um/s^2 + m^2/s^2 cancels
 means are centred per head first, which shrinks the cancelling terms further. The sample's own
 log-density is folded into the product as one more feature, so the block already holds
 log p(u|x_i) - log p(u|x) and only needs exp and a row sum (a log-sum-exp pass is used for the rare
-rows that would overflow). Memory is bounded by the chunk sizes whatever S and L are.
+rows that would overflow). Blocks are preallocated and reused. Memory is bounded by the chunk sizes whatever S and L are.
 
 Joint channels (U, V) concatenate independent dims, so their log-density block is the SUM of the
 heads' blocks: an NMI matrix over K heads costs 2K matrix products per chunk (two independent
@@ -133,16 +133,6 @@ class _Channel:
         return feats, own
 
 
-def _log_mean_exp_rows(blocks: torch.Tensor) -> torch.Tensor:
-    """log sum_i exp(block[:, i]) per row, with exp + sum and a log-sum-exp fallback on overflow."""
-    s = torch.exp(blocks).sum(1)
-    bad = ~torch.isfinite(s)
-    out = torch.log(s)
-    if bad.any():
-        out[bad] = torch.logsumexp(blocks[bad], 1)
-    return out
-
-
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield start, min(start + size, n)
@@ -169,21 +159,41 @@ def _run(
     total = torch.zeros(C, dtype=torch.float64, device=device)
     outer = torch.zeros(C, C, dtype=torch.float64, device=device)
     shift = None
+    multi = [c for c, mem in enumerate(channels) if len(mem) > 1]
+    # single-member channels last: their exp runs in place on the member's block, which joints still need
+    order = multi + [c for c, mem in enumerate(channels) if len(mem) == 1]
+    buf = {}  # preallocated blocks: fresh allocations page-fault and double the cost of the product
     for s0, s1 in _chunks(n_samples, chunk_samples):
         # stratified: sample j sits on point perm[j mod L]
         idx = perm[torch.arange(s0, s1, device=device) % L]
         feats = {m: chans[m[0]].draw(idx, gen)[0] for m in members}
         lse = torch.full((s1 - s0, C), -math.inf, dtype=torch.float64, device=device)
         for p0, p1 in _chunks(L, chunk_points):
-            blocks = {m: feats[m] @ chans[m[0]].coef[:, p0:p1] for m in members}
-            for c, mem in enumerate(channels):
+            shape = (s1 - s0, p1 - p0)
+            blocks = {}
+            for m in members + ['work']:
+                if m not in buf or buf[m].shape != shape:
+                    buf[m] = torch.empty(shape, dtype=torch.float64, device=device)
+                blocks[m] = buf[m]
+            for m in members:
+                # log p(u|x_i) - log p(u|x) for every sample and point of the chunk, in one product
+                torch.mm(feats[m], chans[m[0]].coef[:, p0:p1], out=blocks[m])
+            for c in order:
+                mem = channels[c]
                 if len(mem) == 1:
                     b = blocks[mem[0]]
                 else:
-                    b = blocks[mem[0]] + blocks[mem[1]]
+                    b = torch.add(blocks[mem[0]], blocks[mem[1]], out=blocks['work'])
                     for m in mem[2:]:
                         b += blocks[m]
-                lse[:, c] = torch.logaddexp(lse[:, c], _log_mean_exp_rows(b))
+                s = b.exp_().sum(1)
+                bad = ~torch.isfinite(s)
+                s = s.log_()
+                if bad.any():
+                    # a point far likelier than the sample's own one overflowed exp: redo those rows in log space
+                    rows = sum(feats[m][bad] @ chans[m[0]].coef[:, p0:p1] for m in mem)
+                    s[bad] = torch.logsumexp(rows, 1)
+                lse[:, c] = torch.logaddexp(lse[:, c], s)
         t = log_l - lse  # log p(u|x) - log mean_i p(u|x_i): the block holds the ratio to the own term
         if shift is None:
             shift = t.mean(0)  # accumulate shifted moments: no cancellation in the variance
@@ -207,8 +217,8 @@ def mutual_information(
         logvar: torch.Tensor,
         n_samples: int = 100_000,
         seed: int = 0,
-        chunk_samples: int = 1024,
-        chunk_points: int = 4096,
+        chunk_samples: int = 256,
+        chunk_points: int = 2048,
 ) -> Estimate:
     """I(X;U) in nats between the data point index X (uniform over L rows) and the latent U of a
     diagonal Gaussian channel (eq. 4).
@@ -232,8 +242,8 @@ def joint_mutual_information(
         heads: Sequence[Head],
         n_samples: int = 100_000,
         seed: int = 0,
-        chunk_samples: int = 1024,
-        chunk_points: int = 4096,
+        chunk_samples: int = 256,
+        chunk_points: int = 2048,
 ) -> Estimate:
     """I(X; U_1, ..., U_n) in nats for the joint channel formed by concatenating the heads'
     parameters (independent noise per head), each head given as (mu [L, r_i], logvar [L, r_i])."""
@@ -259,8 +269,8 @@ def mutual_information_uv(
         logvar_v: torch.Tensor,
         n_samples: int = 100_000,
         seed: int = 0,
-        chunk_samples: int = 1024,
-        chunk_points: int = 4096,
+        chunk_samples: int = 256,
+        chunk_points: int = 2048,
 ) -> Estimate:
     """I(U;V) = I(X;U) + I(X;V) - I(X;U,V) in nats between two heads' latents over the same L data
     points (eq. 5), on shared samples; stderr from the covariance of the per-sample terms."""
@@ -276,8 +286,8 @@ def mutual_information_uu(
         logvar: torch.Tensor,
         n_samples: int = 100_000,
         seed: int = 0,
-        chunk_samples: int = 1024,
-        chunk_points: int = 4096,
+        chunk_samples: int = 256,
+        chunk_points: int = 2048,
 ) -> Estimate:
     """I(U;U') = 2 I(X;U) - I(X;U,U') in nats, U' an independent second draw from the same posterior:
     the information the head's channel can share with itself (the NMI normaliser)."""
@@ -308,8 +318,8 @@ def normalized_mutual_information(
         logvar_v: torch.Tensor,
         n_samples: int = 100_000,
         seed: int = 0,
-        chunk_samples: int = 1024,
-        chunk_points: int = 4096,
+        chunk_samples: int = 256,
+        chunk_points: int = 2048,
 ) -> Estimate:
     """NMI(U,V) = I(U;V) / sqrt(I(U;U') I(V;V')) (eq. 6) between two heads over the same L points.
 
@@ -327,7 +337,7 @@ def nmi_matrix(
         heads: Sequence[Head],
         n_samples: int = 100_000,
         seed: int = 0,
-        chunk_samples: int = 512,
+        chunk_samples: int = 256,
         chunk_points: Optional[int] = None,
         max_block_bytes: int = 256 * 2 ** 20,
 ) -> NMIMatrix:
