@@ -5,12 +5,12 @@
 * ``digits``: scikit-learn's 1,797 handwritten digits (8x8 px, 16 grey levels, 10 classes), upsampled
   by the transforms to the model's image size (which its patch size must divide). Split 80 / 20
   (stratified, fixed seed 0: 1,437 train / 360 val, the same for every run). Training augmentation:
-  RandomResizedCrop scale (0.5, 1), no flips (a flipped digit is another symbol or none), no RandAugment.
+  RandomResizedCrop scale (0.7, 1), no flips (a flipped digit is another symbol or none), no RandAugment.
 * ``fashion-mnist``: Fashion-MNIST read from its four IDX files (``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, optionally
   ``.gz``) in Debian's ``dataset-fashion-mnist`` package or in the folder given as
   ``fashion-mnist:FOLDER``. 60,000 train / 10,000 val (the official test set), 28x28 grey, 10 classes.
-  Augmentation: RandomResizedCrop scale (0.5, 1) and horizontal flips (clothes are mirror-symmetric).
+  Augmentation: RandomResizedCrop scale (0.7, 1) and horizontal flips (clothes are mirror-symmetric).
 * a folder in ImageNet layout (``FOLDER/train/<wnid>/*.JPEG``, ``FOLDER/val/<wnid>/*``; ``validation``
   also accepted), read through timm's dataset factory, optionally restricted with a class list
   (a file of WordNet ids, or ``imagenet100`` for the list of Tian et al. 2020). The paper's recipe:
@@ -306,7 +306,7 @@ def build_datasets(
         bases = {s: read(s) for s in splits}
         classes = next(iter(bases.values())).classes
         mean, std, crop_pct, interp = GREY_MEAN, GREY_STD, 1.0, 'bilinear'
-        aug = dict(scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.0 if kind == 'digits' else 0.5, auto_augment=None)
+        aug = dict(scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.0 if kind == 'digits' else 0.5, auto_augment=None)
         name = kind if folder is None else f'{kind}:{folder}'
     limits = {'train': max_train_samples, 'val': max_val_samples}
     for s, n in limits.items():

@@ -80,6 +80,7 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--mixed-precision', choices=('auto', 'no', 'fp16', 'bf16'), default='auto',
                    help='auto: bf16 on GPUs that have it, else fp16 on GPU, off on CPU')
     g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--cpu', action='store_true', help='train on the CPU even if a GPU is present')
     g = p.add_argument_group('run')
     g.add_argument('--output', default=None, help='run folder (default runs/MODEL-DATA)')
     g.add_argument('--resume', nargs='?', const='latest', default=None, metavar='CHECKPOINT',
@@ -169,6 +170,12 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
         t = (update - warmup) / max(1, total - warmup)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return f
+
+
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, 'mps', None)
+    xpu = getattr(torch, 'xpu', None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
 def _mixed_precision(choice: str) -> str:
@@ -366,6 +373,8 @@ def train(args: argparse.Namespace) -> Path:
         log_with=args.log_with or None,
         project_dir=str(out),
         dynamo_backend='inductor' if args.compile else 'no',
+        # without a GPU, say so: only then does Accelerate take torchrun's WORLD_SIZE > 1 as multi-CPU (gloo)
+        cpu=args.cpu or not _has_accelerator(),
     )
     set_seed(args.seed)
 
