@@ -4,7 +4,8 @@ Backend: Keras picks its backend at import time from ``KERAS_BACKEND`` (or ``~/.
 and falls back to TensorFlow, so without TensorFlow a bare ``import keras`` fails. When neither the
 variable nor keras.json chooses a backend and TensorFlow is not installed, ``import keras_vib``
 sets ``KERAS_BACKEND=torch`` (or ``jax`` when only JAX is installed) before importing Keras. A
-backend you chose is never overridden; if Keras was imported before keras_vib, its backend stays.
+backend you chose (the variable, or a non-TensorFlow backend in keras.json) is never overridden;
+if Keras was imported before keras_vib, its backend stays.
 
     import keras_vib
     model = keras_vib.vit_tiny_vib(beta=1.0, num_classes=10, image_size=32, patch_size=4)
@@ -20,13 +21,18 @@ import sys
 
 
 def _keras_json_backend() -> bool:
-    """True when keras.json already names a backend (the user's choice, which Keras reads itself)."""
+    """True when keras.json names a usable backend other than TensorFlow (a user's choice).
+
+    Keras writes keras.json with "tensorflow" itself on its first import, so that value is not
+    taken as a choice: without TensorFlow installed it cannot work anyway.
+    """
     home = os.environ.get('KERAS_HOME') or os.path.join(os.path.expanduser('~'), '.keras')
     try:
         with open(os.path.join(home, 'keras.json')) as f:
-            return bool(json.load(f).get('backend'))
+            backend = json.load(f).get('backend')
     except (OSError, ValueError, AttributeError):
         return False
+    return bool(backend) and backend != 'tensorflow'
 
 
 def _default_backend() -> None:
