@@ -267,7 +267,7 @@ def load_timm_weights(model: VisionTransformerVIB, state_dict: Mapping[str, Any]
                 'plain': 'has attention without bottleneck (a vit_tiny_gap-style model)',
                 'none': 'has no attention (MLP-only blocks, vit_tiny_noattn)'}
         raise ValueError(f'{source} {what[theirs["attn_mode"]]}, but the Keras model '
-                         f'{what[model.attn_mode].replace("has", "has", 1)}: different architectures')
+                         f'{what[model.attn_mode]}: different architectures')
     diffs = [f'{k}: checkpoint {theirs.get(k)} vs model {v}' for k, v in mine.items()
              if not (k == 'vib_dim' and model.attn_mode != 'vib') and theirs.get(k) != v]
     if theirs['_num_patches'] != model.num_patches:
