@@ -1,0 +1,425 @@
+"""Keras 3 layers of the bottlenecked ViT, weight for weight the modules of ``timm_vib``.
+
+Token tensors are [batch, tokens, channels]; inside attention, per-head tensors are
+[batch, tokens, heads, head_dim] (Keras's attention layout). Every layer is registered as
+``keras_vib>Name`` and its ``get_config`` holds exactly its constructor arguments.
+"""
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import keras
+from keras import ops
+
+__all__ = [
+    'GaussianBottleneck', 'VIBMultiHeadAttention', 'TransformerBlock', 'MlpBlock', 'PatchEmbedding',
+    'PoolingHead', 'gaussian_kl', 'check_images',
+]
+
+_register = keras.saving.register_keras_serializable(package='keras_vib')
+
+
+def _dense_init():
+    # timm's ViT init for Linear layers: truncated normal, std 0.02, zero bias
+    return keras.initializers.TruncatedNormal(stddev=0.02)
+
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) in nats, summed over the last (latent) axis, float32.
+
+    mu, logvar: [..., r] -> [...]. float32 whatever the compute dtype, as on the timm side: in half
+    precision exp(logvar) - 1 - logvar loses the small values.
+    """
+    mu = ops.cast(mu, 'float32')
+    logvar = ops.cast(logvar, 'float32')
+    return 0.5 * ops.sum(ops.exp(logvar) + ops.square(mu) - 1.0 - logvar, axis=-1)
+
+
+def _as_pair(v: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) and i > 0 for i in pair):
+        raise ValueError(f'{what} must be a positive int or a pair of them, got {v!r}')
+    return pair
+
+
+def check_images(shape, image_size: Tuple[int, int], in_chans: int, who: str) -> None:
+    """Raise a ValueError naming the problem unless ``shape`` is [batch, height, width, channels]."""
+    shape = tuple(shape)
+    expected = f'[batch, {image_size[0]}, {image_size[1]}, {in_chans}]'
+    if len(shape) != 4:
+        raise ValueError(f'{who} expects images {expected} (channels last), got an input of shape {list(shape)}')
+    h, w, c = shape[1:]
+    if c != in_chans:
+        hint = ''
+        if h == in_chans:
+            hint = ': channels-first input? transpose to NHWC, e.g. ops.transpose(x, (0, 2, 3, 1))'
+        raise ValueError(
+            f'{who} expects images {expected} (channels last), got {list(shape)}{hint}')
+    if (h is not None and h != image_size[0]) or (w is not None and w != image_size[1]):
+        raise ValueError(
+            f'{who} was built for {image_size[0]}x{image_size[1]} images, expects {expected}, got {list(shape)}; '
+            f'resize the input or build the model with image_size=({h}, {w})')
+
+
+@_register
+class GaussianBottleneck(keras.layers.Layer):
+    """Variational bottleneck on every head of one layer, vectorised over heads.
+
+    Input [..., heads, head_dim] (one attention output per head) -> output of the same shape.
+    Head h encodes with ``enc_weight[h]`` [head_dim, 2r] + ``enc_bias[h]`` into the mean (first r)
+    and log-variance (last r, clamped to ``logvar_clamp``) of a diagonal Gaussian, samples
+    z = mu + exp(logvar / 2) * eps in training (eps from the layer's own SeedGenerator) and takes
+    z = mu in inference, then decodes with ``dec_weight[h]`` [r, head_dim] + ``dec_bias[h]``.
+
+    Args:
+        num_heads, head_dim: heads and their width.
+        vib_dim: latent size r per head.
+        kl_weight: if > 0 the layer adds ``kl_weight * mean(KL)`` (nats, mean over every axis) to
+            its losses, so ``fit`` optimises it; the models set it to beta / depth.
+        logvar_init: initial log-variance bias (-6: the posteriors start nearly deterministic).
+        logvar_clamp: (min, max) of the log-variance.
+        seed: seed of the noise.
+
+    ``call(x, return_latents=True)`` returns (decoded, mu, logvar) with mu, logvar [..., heads, r].
+    """
+
+    def __init__(
+            self,
+            num_heads: int,
+            head_dim: int,
+            vib_dim: int = 32,
+            kl_weight: float = 0.0,
+            logvar_init: float = -6.0,
+            logvar_clamp: Sequence[float] = (-10.0, 10.0),
+            seed: Optional[int] = None,
+            **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(vib_dim, bool) or not isinstance(vib_dim, int) or vib_dim < 1:
+            raise ValueError(f'vib_dim (the latent size r per head) must be an integer >= 1, got {vib_dim!r}')
+        self.num_heads = int(num_heads)
+        self.head_dim = int(head_dim)
+        self.vib_dim = vib_dim
+        self.kl_weight = float(kl_weight)
+        self.logvar_init = float(logvar_init)
+        self.logvar_clamp = tuple(float(v) for v in logvar_clamp)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape) -> None:
+        H, D, r = self.num_heads, self.head_dim, self.vib_dim
+        if tuple(input_shape[-2:]) != (H, D):
+            raise ValueError(f'{self.name} expects [..., {H} heads, {D}], got {list(input_shape)}')
+        lv = self.logvar_init
+
+        def enc_bias_init(shape, dtype=None):
+            # first r: means (0); last r: log-variances (logvar_init)
+            return ops.concatenate([ops.zeros((H, r), dtype=dtype), ops.full((H, r), lv, dtype=dtype)], axis=-1)
+
+        # nn.Linear's scale-preserving uniform init, per head (as timm_vib.HeadBottleneck)
+        self.enc_weight = self.add_weight(
+            name='enc_weight', shape=(H, D, 2 * r),
+            initializer=keras.initializers.RandomUniform(-D ** -0.5, D ** -0.5))
+        self.enc_bias = self.add_weight(name='enc_bias', shape=(H, 2 * r), initializer=enc_bias_init)
+        self.dec_weight = self.add_weight(
+            name='dec_weight', shape=(H, r, D),
+            initializer=keras.initializers.RandomUniform(-r ** -0.5, r ** -0.5))
+        self.dec_bias = self.add_weight(name='dec_bias', shape=(H, D), initializer='zeros')
+
+    def encode(self, x):
+        """[..., H, head_dim] -> mu, logvar [..., H, r] (logvar clamped)."""
+        stats = ops.einsum('...hd,hde->...he', x, self.enc_weight) + self.enc_bias
+        mu, logvar = ops.split(stats, 2, axis=-1)
+        return mu, ops.clip(logvar, *self.logvar_clamp)
+
+    def decode(self, z):
+        """[..., H, r] -> [..., H, head_dim]."""
+        return ops.einsum('...hr,hrd->...hd', z, self.dec_weight) + self.dec_bias
+
+    def call(self, inputs, training=None, return_latents: bool = False):
+        mu, logvar = self.encode(inputs)
+        if training:
+            eps = keras.random.normal(ops.shape(mu), dtype=mu.dtype, seed=self.seed_generator)
+            z = mu + ops.exp(0.5 * logvar) * eps
+        else:
+            z = mu
+        if self.kl_weight:
+            self.add_loss(self.kl_weight * ops.mean(gaussian_kl(mu, logvar)))
+        out = self.decode(z)
+        return (out, mu, logvar) if return_latents else out
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads, head_dim=self.head_dim, vib_dim=self.vib_dim, kl_weight=self.kl_weight,
+            logvar_init=self.logvar_init, logvar_clamp=list(self.logvar_clamp), seed=self.seed)
+        return config
+
+
+@_register
+class VIBMultiHeadAttention(keras.layers.Layer):
+    """Multi-head self-attention with a :class:`GaussianBottleneck` between each head's attention
+    output softmax(q k^T / sqrt(head_dim)) v and the output projection.
+
+    [batch, tokens, dim] -> [batch, tokens, dim]. The fused ``qkv`` Dense has timm's layout
+    (q, k, v blocks, each head-major). ``vib_dim=None`` gives plain attention (timm's, no bottleneck).
+    ``call(x, return_latents=True)`` returns (out, mu, logvar), mu/logvar [batch, tokens, heads, r]
+    (None without a bottleneck).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            vib_dim: Optional[int] = 32,
+            qkv_bias: bool = True,
+            kl_weight: float = 0.0,
+            logvar_init: float = -6.0,
+            seed: Optional[int] = None,
+            **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        self.dim = int(dim)
+        self.num_heads = int(num_heads)
+        self.head_dim = dim // num_heads
+        self.vib_dim = vib_dim
+        self.qkv_bias = bool(qkv_bias)
+        self.kl_weight = float(kl_weight)
+        self.logvar_init = float(logvar_init)
+        self.seed = seed
+        dd = dict(dtype=self.dtype_policy, kernel_initializer=_dense_init())
+        self.qkv = keras.layers.Dense(3 * dim, use_bias=qkv_bias, name='qkv', **dd)
+        self.proj = keras.layers.Dense(dim, name='proj', **dd)
+        self.vib = None
+        if vib_dim is not None:
+            self.vib = GaussianBottleneck(
+                self.num_heads, self.head_dim, vib_dim, kl_weight=kl_weight, logvar_init=logvar_init, seed=seed,
+                dtype=self.dtype_policy, name='vib')
+
+    def build(self, input_shape) -> None:
+        self.qkv.build(input_shape)
+        if self.vib is not None:
+            self.vib.build((None, None, self.num_heads, self.head_dim))
+        self.proj.build(tuple(input_shape[:-1]) + (self.dim,))
+
+    def call(self, x, training=None, return_latents: bool = False):
+        H, D = self.num_heads, self.head_dim
+        n = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
+        qkv = ops.reshape(self.qkv(x), (-1, n, 3, H, D))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, D]
+        # torch backend: F.scaled_dot_product_attention, timm's fused kernel
+        heads = ops.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(D))
+        mu = logvar = None
+        if self.vib is not None:
+            heads, mu, logvar = self.vib(heads, training=training, return_latents=True)
+        out = self.proj(ops.reshape(heads, (-1, n, self.dim)))
+        return (out, mu, logvar) if return_latents else out
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            dim=self.dim, num_heads=self.num_heads, vib_dim=self.vib_dim, qkv_bias=self.qkv_bias,
+            kl_weight=self.kl_weight, logvar_init=self.logvar_init, seed=self.seed)
+        return config
+
+
+class _Mlp(keras.layers.Layer):
+    """fc1 -> exact (erf) GELU -> fc2, as timm's Mlp; shared by both blocks, not public."""
+
+    def __init__(self, dim: int, hidden: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        dd = dict(dtype=self.dtype_policy, kernel_initializer=_dense_init())
+        self.fc1 = keras.layers.Dense(hidden, name='fc1', **dd)
+        self.fc2 = keras.layers.Dense(dim, name='fc2', **dd)
+
+    def build(self, input_shape) -> None:
+        self.fc1.build(input_shape)
+        self.fc2.build(tuple(input_shape[:-1]) + (self.fc1.units,))
+
+    def call(self, x):
+        return self.fc2(ops.gelu(self.fc1(x), approximate=False))
+
+
+@_register
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)); [batch, tokens, dim] -> same.
+
+    The attention is a :class:`VIBMultiHeadAttention` (``vib_dim=None``: plain attention).
+    ``call(x, return_latents=True)`` returns (x, mu, logvar) of the attention's bottleneck.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.0,
+            vib_dim: Optional[int] = 32,
+            qkv_bias: bool = True,
+            kl_weight: float = 0.0,
+            logvar_init: float = -6.0,
+            layer_norm_epsilon: float = 1e-6,
+            seed: Optional[int] = None,
+            **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
+        self.vib_dim, self.qkv_bias, self.kl_weight = vib_dim, bool(qkv_bias), float(kl_weight)
+        self.logvar_init, self.layer_norm_epsilon, self.seed = float(logvar_init), float(layer_norm_epsilon), seed
+        dt = self.dtype_policy
+        self.norm1 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dt, name='norm1')
+        self.attn = VIBMultiHeadAttention(
+            dim, num_heads, vib_dim=vib_dim, qkv_bias=qkv_bias, kl_weight=kl_weight, logvar_init=logvar_init,
+            seed=seed, dtype=dt, name='attn')
+        self.norm2 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dt, name='norm2')
+        self.mlp = _Mlp(dim, int(dim * mlp_ratio), dtype=dt, name='mlp')
+
+    def build(self, input_shape) -> None:
+        for layer in (self.norm1, self.attn, self.norm2, self.mlp):
+            layer.build(input_shape)
+
+    def call(self, x, training=None, return_latents: bool = False):
+        a, mu, logvar = self.attn(self.norm1(x), training=training, return_latents=True)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return (x, mu, logvar) if return_latents else x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            dim=self.dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, vib_dim=self.vib_dim,
+            qkv_bias=self.qkv_bias, kl_weight=self.kl_weight, logvar_init=self.logvar_init,
+            layer_norm_epsilon=self.layer_norm_epsilon, seed=self.seed)
+        return config
+
+
+@_register
+class MlpBlock(keras.layers.Layer):
+    """Attention-free block x + mlp(norm2(x)): tokens never communicate. [batch, tokens, dim] -> same.
+
+    Names follow timm_vib.MlpBlock (norm2, mlp.fc1, mlp.fc2), so its weights line up with a full block's.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, layer_norm_epsilon: float = 1e-6, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dim, self.mlp_ratio, self.layer_norm_epsilon = int(dim), float(mlp_ratio), float(layer_norm_epsilon)
+        dt = self.dtype_policy
+        self.norm2 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dt, name='norm2')
+        self.mlp = _Mlp(dim, int(dim * mlp_ratio), dtype=dt, name='mlp')
+
+    def build(self, input_shape) -> None:
+        self.norm2.build(input_shape)
+        self.mlp.build(input_shape)
+
+    def call(self, x, training=None, return_latents: bool = False):
+        x = x + self.mlp(self.norm2(x))
+        return (x, None, None) if return_latents else x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(dim=self.dim, mlp_ratio=self.mlp_ratio, layer_norm_epsilon=self.layer_norm_epsilon)
+        return config
+
+
+@_register
+class PatchEmbedding(keras.layers.Layer):
+    """Images [batch, height, width, channels] -> tokens [batch, (height/p) * (width/p), embed_dim].
+
+    A stride-p convolution (timm's ``patch_embed.proj``), tokens in row-major patch order, plus a
+    learned position embedding ``pos_embed`` [1, tokens, embed_dim] (no class token).
+    """
+
+    def __init__(
+            self,
+            image_size: Union[int, Sequence[int]] = 224,
+            patch_size: Union[int, Sequence[int]] = 16,
+            embed_dim: int = 192,
+            in_chans: int = 3,
+            **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.image_size = _as_pair(image_size, 'image_size')
+        self.patch_size = _as_pair(patch_size, 'patch_size')
+        if any(s % p for s, p in zip(self.image_size, self.patch_size)):
+            raise ValueError(f'image_size {self.image_size} is not a multiple of patch_size {self.patch_size}')
+        self.embed_dim = int(embed_dim)
+        self.in_chans = int(in_chans)
+        self.grid_size = tuple(s // p for s, p in zip(self.image_size, self.patch_size))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = keras.layers.Conv2D(
+            embed_dim, self.patch_size, strides=self.patch_size, padding='valid', data_format='channels_last',
+            dtype=self.dtype_policy, name='proj')
+
+    def build(self, input_shape) -> None:
+        check_images(input_shape, self.image_size, self.in_chans, self.name)
+        self.proj.build((None,) + self.image_size + (self.in_chans,))
+        self.pos_embed = self.add_weight(
+            name='pos_embed', shape=(1, self.num_patches, self.embed_dim),
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02))
+
+    def call(self, images):
+        check_images(images.shape, self.image_size, self.in_chans, self.name)
+        x = self.proj(images)  # [B, gh, gw, C]
+        x = ops.reshape(x, (-1, self.num_patches, self.embed_dim))
+        return x + self.pos_embed
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_patches, self.embed_dim)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            image_size=list(self.image_size), patch_size=list(self.patch_size), embed_dim=self.embed_dim,
+            in_chans=self.in_chans)
+        return config
+
+
+@_register
+class PoolingHead(keras.layers.Layer):
+    """Tokens [batch, tokens, dim] -> logits [batch, num_classes]: LayerNorm per token, mean over
+    tokens, Dense. Image logits are therefore the mean of the per-patch logits
+    (``call(x, return_patch_logits=True)`` gives those, [batch, tokens, num_classes]).
+    ``num_classes=0``: no Dense, returns the pooled features [batch, dim].
+    """
+
+    def __init__(self, num_classes: int = 100, layer_norm_epsilon: float = 1e-6, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.norm = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name='norm')
+        self.head = None
+        if num_classes:
+            self.head = keras.layers.Dense(
+                num_classes, dtype=self.dtype_policy, kernel_initializer=_dense_init(), name='head')
+
+    def build(self, input_shape) -> None:
+        self.norm.build(input_shape)
+        if self.head is not None:
+            self.head.build((input_shape[0], input_shape[-1]))
+
+    def call(self, x, return_patch_logits: bool = False):
+        x = self.norm(x)
+        if return_patch_logits:
+            return self.head(x) if self.head is not None else x
+        x = ops.mean(x, axis=1)
+        return self.head(x) if self.head is not None else x
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes or input_shape[-1])
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, layer_norm_epsilon=self.layer_norm_epsilon)
+        return config

@@ -1,0 +1,185 @@
+"""timm_vib -> keras_vib weights: equal logits and KL (inference) for every architecture, from every
+kind of source, the reverse direction, and clear errors for checkpoints that do not fit.
+
+Tolerance: rtol 1e-4 with an absolute floor of 1e-5 x the largest magnitude of the compared tensor
+(float32 sums of 192-768 terms round at ~1e-7 relative to the largest term, so entries near zero
+can only be compared against that scale)."""
+import keras_vib  # noqa: F401  (sets the Keras backend default before keras is imported)
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import timm
+from keras import ops
+from safetensors.torch import save_file
+from timm.models._hub import save_for_hf
+
+import timm_vib  # noqa: F401  (registers the timm models)
+from keras_vib import from_timm, kl_and_latents, to_timm_state_dict, vit_tiny_vib
+
+MAX_REL_ERR = {}
+
+
+def timm_model(name='vit_tiny_vib', img_size=32, patch_size=8, depth=2, num_classes=5, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = timm.create_model(name, img_size=img_size, patch_size=patch_size, depth=depth, num_classes=num_classes, **kw)
+    if m.attn_mode == 'vib':  # move the log-variances off their constant init so the KL is not trivial
+        with torch.no_grad():
+            for b in m.bottlenecks():
+                b.enc_bias.normal_(0, 1.0)
+                b.dec_bias.normal_(0, 0.1)
+    return m.eval()
+
+
+def nchw(m, b=3, seed=1):
+    h, w = m.patch_embed.img_size
+    return torch.randn(b, m.in_chans, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close(actual, expected, what):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, what
+    floor = 1e-5 * max(np.abs(expected).max(), 1e-12)
+    rel = (np.abs(actual - expected) / np.maximum(np.abs(expected), floor)).max()
+    MAX_REL_ERR[what] = rel
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=floor, err_msg=what)
+
+
+def check_equivalent(m, km, what):
+    x = nchw(m)
+    xk = x.permute(0, 2, 3, 1).numpy()
+    with torch.no_grad():
+        if m.attn_mode == 'plain':
+            logits, kl = m(x), None
+        else:
+            logits, kl = m(x, return_kl=True)
+    assert_close(ops.convert_to_numpy(km(xk)), logits.numpy(), f'{what} logits')
+    if kl is not None:
+        out = kl_and_latents(km, xk)
+        assert_close(out['kl'], kl.numpy(), f'{what} kl')
+        assert_close(out['logits'], logits.numpy(), f'{what} logits (read-out)')
+
+
+@pytest.mark.parametrize('name,img_size,patch_size,vib_dim', [
+    ('vit_tiny_vib', 32, 8, 32),
+    ('vit_tiny_vib', 48, 16, 8),
+    ('vit_tiny_vib_b4', (32, 48), 8, 1),   # non-square grid
+    ('vit_tiny_vib', 64, 16, 64),
+    ('vit_tiny_noattn', 32, 8, None),
+    ('vit_tiny_noattn', 48, 16, None),
+    ('vit_tiny_gap', 32, 8, None),
+    ('vit_tiny_gap', (48, 32), 16, None),
+])
+def test_from_timm_module_matches_timm(name, img_size, patch_size, vib_dim):
+    kw = {} if vib_dim is None else {'vib_dim': vib_dim}
+    m = timm_model(name, img_size=img_size, patch_size=patch_size, **kw)
+    km = from_timm(m)
+    assert km.beta == m.beta and km.attn_mode == m.attn_mode and km.depth == 2
+    assert km.image_size == tuple(m.patch_embed.img_size)
+    check_equivalent(m, km, f'{name} {img_size}/{patch_size} r={vib_dim}')
+
+
+def test_from_state_dict_file_and_folders(tmp_path, monkeypatch):
+    m = timm_model('vit_tiny_vib_b4', img_size=32, patch_size=8, vib_dim=16, in_chans=1)
+    # a state dict (torch tensors)
+    check_equivalent(m, from_timm(m.state_dict(), beta=4.0), 'state dict')
+    # a lone safetensors file: shapes only (square grid assumed)
+    save_file(m.state_dict(), str(tmp_path / 'weights.safetensors'))
+    km = from_timm(tmp_path / 'weights.safetensors')
+    assert km.in_chans == 1 and km.image_size == (32, 32) and km.beta == 1.0
+    check_equivalent(m, km, 'safetensors file')
+    # a folder as timm's save_for_hf (what timm_vib's Hub code writes)
+    save_for_hf(m, str(tmp_path / 'hf'), model_args=dict(img_size=32, patch_size=8, depth=2, vib_dim=16, in_chans=1),
+                safe_serialization=True)
+    km = from_timm(tmp_path / 'hf')
+    assert km.name == 'vit_tiny_vib_b4' and km.beta == 4.0
+    check_equivalent(m, km, 'folder')
+    # a Hub repo id resolves through huggingface_hub to such a folder
+    import huggingface_hub
+    seen = {}
+
+    def fake_download(repo_id, **kw):
+        seen['repo'] = repo_id
+        return str(tmp_path / 'hf')
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_download)
+    km = from_timm('hf-hub:timm-vib/vit_tiny_vib_b4.digits')
+    assert seen['repo'] == 'timm-vib/vit_tiny_vib_b4.digits' and km.beta == 4.0
+    from_timm('timm-vib/vit_tiny_vib_b4.digits')
+    assert seen['repo'] == 'timm-vib/vit_tiny_vib_b4.digits'
+
+
+def test_hand_written_folder_with_beta_in_model_args(tmp_path):
+    m = timm_model('vit_tiny_vib', img_size=32, patch_size=8, vib_dim=4, beta=2.5)
+    save_file(m.state_dict(), str(tmp_path / 'model.safetensors'))
+    (tmp_path / 'config.json').write_text(json.dumps({
+        'architecture': 'vit_tiny_vib', 'num_classes': 5,
+        'model_args': {'img_size': 32, 'patch_size': 8, 'depth': 2, 'vib_dim': 4, 'beta': 2.5, 'drop_path_rate': 0.1},
+        'pretrained_cfg': {'input_size': [3, 32, 32]}}))
+    km = from_timm(tmp_path)
+    assert km.beta == 2.5 and km.vib_dim == 4
+    check_equivalent(m, km, 'hand-written folder')
+
+
+def test_keras_weights_back_to_timm():
+    m = timm_model('vit_tiny_vib', vib_dim=8)
+    km = vit_tiny_vib(image_size=32, patch_size=8, depth=2, num_classes=5, vib_dim=8, seed=0)
+    sd = to_timm_state_dict(km, as_torch=True)
+    assert set(sd) == set(m.state_dict())
+    m.load_state_dict(sd)
+    check_equivalent(m, km, 'keras -> timm')
+    # and the identity round trip timm -> keras -> timm
+    m2 = timm_model('vit_tiny_gap', seed=5)
+    back = to_timm_state_dict(from_timm(m2))
+    for k, v in m2.state_dict().items():
+        np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+
+
+def test_checkpoints_that_do_not_fit(tmp_path):
+    vib = timm_model('vit_tiny_vib', vib_dim=8)
+    km = vit_tiny_vib(image_size=32, patch_size=8, depth=2, num_classes=5, vib_dim=8)
+    with pytest.raises(ValueError, match='depth: checkpoint 3 vs model 2'):
+        from_timm(timm_model('vit_tiny_vib', vib_dim=8, depth=3), model=km)
+    with pytest.raises(ValueError, match='vib_dim: checkpoint 16 vs model 8'):
+        from_timm(timm_model('vit_tiny_vib', vib_dim=16), model=km)
+    with pytest.raises(ValueError, match='tokens: checkpoint 4 vs model 16'):
+        from_timm(timm_model('vit_tiny_vib', vib_dim=8, img_size=16), model=km)
+    with pytest.raises(ValueError, match='num_classes: checkpoint 7 vs model 5'):
+        from_timm(timm_model('vit_tiny_vib', vib_dim=8, num_classes=7), model=km)
+    with pytest.raises(ValueError, match='attention without bottleneck.*different architectures'):
+        from_timm(timm_model('vit_tiny_gap'), model=km)
+    with pytest.raises(ValueError, match='no attention'):
+        from_timm(timm_model('vit_tiny_noattn').state_dict(), model=km)
+    with pytest.raises(ValueError, match='bottleneck on every attention head'):
+        from_timm(vib, model=keras_vib.vit_tiny_gap(image_size=32, patch_size=8, depth=2, num_classes=5))
+    # not a timm_vib architecture, or timm options keras_vib does not implement
+    with pytest.raises(ValueError, match='class / register token'):
+        from_timm(timm.create_model('vit_tiny_patch16_224', depth=1, img_size=32, patch_size=8).state_dict())
+    with pytest.raises(TypeError, match='timm_vib model'):
+        from_timm(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match='qk_norm'):
+        from_timm(timm_model('vit_tiny_vib', qk_norm=True))
+    save_file(vib.state_dict(), str(tmp_path / 'model.safetensors'))
+    (tmp_path / 'config.json').write_text(json.dumps({'architecture': 'vit_small_patch16_224', 'model_args': {}}))
+    with pytest.raises(ValueError, match='not a timm_vib model'):
+        from_timm(tmp_path)
+    (tmp_path / 'config.json').write_text(json.dumps(
+        {'architecture': 'vit_tiny_vib', 'model_args': {'img_size': 32, 'patch_size': 8, 'depth': 2, 'class_token': True}}))
+    with pytest.raises(ValueError, match='class_token'):
+        from_timm(tmp_path)
+    (tmp_path / 'config.json').write_text(json.dumps({'architecture': 'vit_tiny_gap', 'model_args': {}}))
+    with pytest.raises(ValueError, match='config.json says vit_tiny_gap'):
+        from_timm(tmp_path)
+    with pytest.raises(FileNotFoundError, match='neither a file, a folder'):
+        from_timm(tmp_path / 'nowhere')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='has no model.safetensors'):
+        from_timm(tmp_path / 'empty')
+
+
+def test_report_max_relative_error():
+    """Prints the largest relative error of the equivalence tests above (run with -s to see it)."""
+    if MAX_REL_ERR:
+        worst = max(MAX_REL_ERR, key=MAX_REL_ERR.get)
+        print(f'\nmax relative error timm -> keras: {MAX_REL_ERR[worst]:.2e} ({worst})')
