@@ -219,3 +219,17 @@ def test_missing_classes_and_empty_split_are_named(tmp_path):
         build_datasets(str(tmp_path / 'empty'), 16)
     p = run_cli('train', *TINY, '--batch-size', '0', '--output', str(tmp_path / 'r'), check=False)
     assert p.returncode == 2 and 'batch-size must be >= 1' in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_lr_follows_timm_cosine_with_warmup_per_update(digits_run):
+    """Epoch-end learning rates equal the closed form: linear warmup from min_lr over the first epoch,
+    then cosine from lr to min_lr over the whole run, stepped per update."""
+    import math
+    cfg = json.loads((digits_run / 'run_config.json').read_text())
+    lr, min_lr, per_epoch = cfg['args']['lr'], cfg['args']['min_lr'], cfg['schedule']['updates_per_epoch']
+    total = per_epoch * cfg['args']['epochs']
+    for row in (json.loads(ln) for ln in (digits_run / 'metrics.jsonl').read_text().splitlines()):
+        t = row['step']
+        expected = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / total))
+        assert row['lr'] == pytest.approx(expected, rel=1e-6)
+    assert row['lr'] == pytest.approx(min_lr)

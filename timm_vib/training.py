@@ -8,7 +8,7 @@ Run folder ``DIR`` (``--output``):
   run_config.json   every choice: resolved arguments, model, beta, KL convention, data, world size, versions
   metrics.jsonl     one JSON object per epoch (train / val loss, CE, top-1 / top-5 in %, nats, per-head KL)
   model.safetensors + config.json   final weights in timm's Hub format (``timm_vib.checkpoints.load_model``)
-  checkpoints/      Accelerate states (model, optimizer, scheduler, RNGs, sampler) + train_state.json
+  checkpoints/      Accelerate states (model, optimizer, RNGs, sampler) + train_state.json
   summary.json      written last: its presence means the run finished
 """
 import argparse
@@ -160,16 +160,6 @@ def build_model(args: argparse.Namespace, num_classes: int) -> Tuple[torch.nn.Mo
     if arch != name or 'beta' in kwargs:
         kwargs['beta'] = float(model.beta)
     return model, arch, kwargs
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
-    """lr factor per optimizer update: linear warmup over ``warmup`` updates, then cosine to ``min_ratio``."""
-    def f(update: int) -> float:
-        if update < warmup:
-            return (update + 1) / warmup
-        t = (update - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
 
 
 def _has_accelerator() -> bool:
@@ -342,6 +332,7 @@ def train(args: argparse.Namespace) -> Path:
     from accelerate.data_loader import skip_first_batches
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
 
     from .checkpoints import save_model
     from .data import create_loaders
@@ -391,12 +382,13 @@ def train(args: argparse.Namespace) -> Path:
     optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
-    total_updates = updates_per_epoch * args.epochs
-    warmup_updates = round(args.warmup_epochs * updates_per_epoch)
-    # stepped by us once per optimizer update (not prepared: Accelerate would step it once per process)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer.optimizer, warmup_cosine(warmup_updates, total_updates, args.min_lr / args.lr))
-    accelerator.register_for_checkpointing(scheduler)
+    # timm's cosine schedule with linear warmup, stepped per optimizer update; the lr is a function of
+    # the update count alone, so resuming only needs state['step'] (not prepared: Accelerate would
+    # step it once per process)
+    scheduler, _ = create_scheduler_v2(
+        optimizer.optimizer, sched='cosine', num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.min_lr, min_lr=args.min_lr, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch)
     beta_warmup_updates = round(args.beta_warmup_epochs * updates_per_epoch)
 
     # 5. Record every choice
@@ -410,9 +402,9 @@ def train(args: argparse.Namespace) -> Path:
         'mean': list(spec.mean), 'std': list(spec.std),
         'optimizer': {'name': 'adamw', 'lr': args.lr, 'weight_decay': args.weight_decay,
                       'no_weight_decay': 'biases, 1-D parameters, model.no_weight_decay() (all bottleneck parameters)'},
-        'schedule': {'name': 'cosine', 'warmup_epochs': args.warmup_epochs, 'warmup_updates': warmup_updates,
-                     'updates_per_epoch': updates_per_epoch, 'total_updates': total_updates, 'min_lr': args.min_lr,
-                     'stepped': 'per optimizer update'},
+        'schedule': {'name': 'timm cosine, linear warmup from min_lr', 'warmup_epochs': args.warmup_epochs,
+                     'updates_per_epoch': updates_per_epoch, 'total_updates': updates_per_epoch * args.epochs,
+                     'min_lr': args.min_lr, 'stepped': 'per optimizer update'},
         'world_size': accelerator.num_processes, 'global_batch_size': args.batch_size * accelerator.num_processes * args.grad_accum,
         'mixed_precision': accelerator.mixed_precision, 'device': str(accelerator.device), 'seed': args.seed,
         'versions': _versions(),
@@ -420,7 +412,7 @@ def train(args: argparse.Namespace) -> Path:
     ckpts = Checkpoints(accelerator, out / 'checkpoints', args.keep_checkpoints)
     metrics_path = out / 'metrics.jsonl'
 
-    # 6. Resume: model, optimizer, scheduler, RNG and sampler states, then our position in the data
+    # 6. Resume: model, optimizer, RNG and sampler states, then our position in the data (and so the lr)
     state = {'epoch': 0, 'batch': 0, 'step': 0, 'samples': 0, 'train_seconds': 0.0, 'sums': [0.0, 0.0, 0.0, 0.0]}
     resume_from = None
     if args.resume:
@@ -439,6 +431,7 @@ def train(args: argparse.Namespace) -> Path:
         if not accelerator.is_main_process:
             state['sums'] = [0.0] * 4  # the saved sums are over all processes; rank 0 carries them
         accelerator.print(f'resumed from {resume_from} (epoch {state["epoch"] + 1}, batch {state["batch"]}, step {state["step"]})')
+    scheduler.step_update(num_updates=state['step'])
     if accelerator.is_main_process:
         if resume_from is None:
             atomic_write_json(out / 'run_config.json', config)
@@ -485,8 +478,8 @@ def train(args: argparse.Namespace) -> Path:
                 state['batch'] = batch_idx + 1
                 state['samples'] += n * accelerator.num_processes
                 if accelerator.sync_gradients:
-                    scheduler.step()
                     state['step'] += 1
+                    scheduler.step_update(num_updates=state['step'])
                     if state['step'] % args.log_interval == 0 or state['batch'] == len(train_loader):
                         nats = kl.detach().sum(dim=(1, 2, 3)).mean().item() if kl is not None else float('nan')
                         progress.update(task, description=(
@@ -506,7 +499,7 @@ def train(args: argparse.Namespace) -> Path:
             # 8. End of epoch: gather train metrics, validate, log, checkpoint
             loss_sum, ce_sum, correct, count = accelerator.reduce(sums.to(accelerator.device), 'sum').tolist()
             val = evaluate(model, val_loader, accelerator, beta, args.kl_reduction)
-            row = {'epoch': epoch + 1, 'step': state['step'], 'lr': scheduler.get_last_lr()[0],
+            row = {'epoch': epoch + 1, 'step': state['step'], 'lr': optimizer.param_groups[0]['lr'],
                    'beta': beta_now if len(train_loader) else beta,
                    'train_loss': loss_sum / count, 'train_ce': ce_sum / count, 'train_top1': 100 * correct / count, **val}
             if args.stochastic_eval and has_kl and attn_mode == 'vib':
