@@ -18,3 +18,11 @@ from .vision_transformer_vib import (
 )
 
 __version__ = '0.1.0'
+
+
+def __getattr__(name):
+    # timm_vib.estimators loads on first use, so `import timm_vib` stays light
+    if name == 'estimators':
+        import importlib
+        return importlib.import_module('.estimators', __name__)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

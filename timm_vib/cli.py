@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import hub
     hub.add_commands(sub)
+    from .training import register_cli as _register_training
+    _register_training(sub)  # train, sweep
     return parser
 
 

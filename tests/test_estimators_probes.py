@@ -1,0 +1,68 @@
+"""Repetition probe: the copies land where they should, shifts equal a hand-made augmented pass."""
+import pytest
+import timm
+import torch
+
+from timm_vib.estimators import capture, copy_patch, repetition_probe
+
+SMALL = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
+
+
+def cells(x):
+    return x.reshape(x.shape[0], 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], 16, -1)
+
+
+def test_copy_patch_places_n_copies():
+    x = torch.randn(3, 3, 32, 32)
+    p = torch.tensor([0, 5, 15])
+    out = copy_patch(x, p, 6, (8, 8), torch.Generator().manual_seed(0))
+    c, co = cells(x), cells(out)
+    for i in range(3):
+        changed = ~(co[i] == c[i]).all(-1)
+        assert int(changed.sum()) == 6 and not changed[p[i]]
+        assert torch.equal(co[i][changed], c[i, p[i]].expand(6, -1))
+    again = copy_patch(x, p, 6, (8, 8), torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match='n_copies'):
+        copy_patch(x, p, 16, (8, 8))
+    with pytest.raises(IndexError, match='grid'):
+        copy_patch(x, torch.tensor([0, 5, 16]), 2, (8, 8))
+
+
+def test_repetition_probe_matches_manual_augmentation():
+    torch.manual_seed(0)
+    m = timm.create_model('vit_tiny_vib', vib_dim=4, **SMALL).eval()
+    x = torch.randn(3, 3, 32, 32)
+    p = torch.tensor([2, 7, 9])
+    lh = [(1, 0), (0, 2)]
+    shifts = repetition_probe(m, x, p, lh, n_copies=(0, 4, 15), seed=3)
+    assert shifts.shape == (3, 3, 2, 4)
+    assert torch.all(shifts[:, 0] == 0)  # no copies, no shift
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad(), capture(m) as rec:
+        m(x)
+        mu0 = rec.mu
+        for j, n in enumerate((0, 4, 15)):
+            m(copy_patch(x, p, n, (8, 8), gen))
+            for k, (layer, head) in enumerate(lh):
+                expected = rec.mu[torch.arange(3), layer, head, p] - mu0[torch.arange(3), layer, head, p]
+                torch.testing.assert_close(shifts[:, j, k], expected)
+    assert shifts[:, 2].abs().sum() > 0
+    assert torch.equal(repetition_probe(m, x, p, lh, (0, 4, 15), seed=3), shifts)  # reproducible
+    assert not torch.equal(repetition_probe(m, x, p, lh, (0, 4, 15), seed=4), shifts)
+
+
+def test_repetition_probe_bad_input():
+    torch.manual_seed(0)
+    m = timm.create_model('vit_tiny_vib', vib_dim=4, **SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(IndexError, match='layer'):
+        repetition_probe(m, x, [0, 1], [(2, 0)])
+    with pytest.raises(IndexError, match='head'):
+        repetition_probe(m, x, [0, 1], [(0, 3)])
+    with pytest.raises(IndexError, match='grid'):
+        repetition_probe(m, x, [0, 16], [(0, 0)])
+    with pytest.raises(ValueError, match='does not fit'):
+        repetition_probe(m, x, [0, 1], [(0, 0)], n_copies=(64,))
+    with pytest.raises(ValueError, match='one patch index per image'):
+        repetition_probe(m, x, [0], [(0, 0)])

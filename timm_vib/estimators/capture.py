@@ -1,0 +1,174 @@
+""" Capture of what a forward pass of a timm_vib model computes inside
+
+Forward hooks on every :class:`HeadBottleneck` see (z, mu, logvar) of all heads of a layer; a forward
+pre-hook on each attention module sees its (normed) input tokens, from which attention maps are
+recomputed only when asked (the fused kernel never materialises them); a hook on the final norm gives
+the per-token features, hence per-patch logits. Hooks exist only inside ``with capture(model)``, so a
+model outside the context runs with zero overhead.
+"""
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..information import gaussian_kl
+from ..vision_transformer_vib import HeadBottleneck
+
+__all__ = ['Record', 'capture', 'attention_modules', 'attention_maps', 'patch_logits', 'grid_size', 'num_prefix_tokens']
+
+
+def grid_size(model: nn.Module):
+    """(rows, cols) of the model's patch grid."""
+    return tuple(model.patch_embed.grid_size)
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Class / register tokens in front of the patch tokens (0 for the vit_tiny_* family)."""
+    return int(getattr(model, 'num_prefix_tokens', 0))
+
+
+def attention_modules(model: nn.Module) -> List[nn.Module]:
+    """The attention module of every block, in depth order (empty for attention-free models)."""
+    return [blk.attn for blk in model.blocks if hasattr(blk, 'attn') and hasattr(getattr(blk, 'attn'), 'qkv')]
+
+
+def attention_maps(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """softmax(q_norm(q) k_norm(k)^T * scale) of a timm attention module for its input x [B, N, C]:
+    [B, heads, N (queries), N (keys)], rows sum to one (no mask: ViT classification runs none)."""
+    B, N, C = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    A = H * D
+    w, b = attn.qkv.weight[:2 * A], (attn.qkv.bias[:2 * A] if attn.qkv.bias is not None else None)
+    q, k = torch.nn.functional.linear(x, w, b).reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(-1)
+
+
+def patch_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token logits [B, N, classes] from final-normed tokens [B, N, C]: the classifier applied to
+    each token. For average-pooled models without fc_norm (the vit_tiny_* family) their mean over patch
+    tokens is the image logit."""
+    return model.head(model.fc_norm(tokens))
+
+
+class Record:
+    """What :func:`capture` saw in the latest forward pass (a new pass replaces it).
+
+    Attributes (None when not available for this model or not asked for):
+        mu, logvar: [B, depth, heads, tokens, r] posterior means / log-variances.
+        kl: [B, depth, heads, tokens] float32 KL in nats (zeros for attention-free models).
+        attention: [B, depth, heads, tokens, tokens] attention maps (``attention=True``).
+        inputs: [B, depth, tokens, embed] normed attention inputs (``inputs=True``).
+        features: [B, tokens, embed] final-normed tokens; logits: [B, tokens, classes] per-token logits.
+    Tokens include any prefix tokens (``num_prefix_tokens``) in front of the patch tokens.
+    """
+
+    def __init__(self, model: nn.Module, attention: bool, inputs: bool, detach: bool):
+        self._model = model
+        self._want_attention = attention
+        self._want_inputs = inputs
+        self._detach = detach
+        self.grid_size = grid_size(model)
+        self.num_prefix_tokens = num_prefix_tokens(model)
+        self.clear()
+
+    def clear(self) -> None:
+        self._post: List = []
+        self._inputs: List = []
+        self._features: Optional[torch.Tensor] = None
+
+    def _d(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach() if self._detach else t
+
+    @property
+    def mu(self) -> Optional[torch.Tensor]:
+        return torch.stack([p[0] for p in self._post], 1) if self._post else None
+
+    @property
+    def logvar(self) -> Optional[torch.Tensor]:
+        return torch.stack([p[1] for p in self._post], 1) if self._post else None
+
+    @property
+    def kl(self) -> Optional[torch.Tensor]:
+        if self._post:
+            return gaussian_kl(self.mu, self.logvar)
+        if getattr(self._model, 'attn_mode', None) == 'none' and self._features is not None:
+            B, N = self._features.shape[:2]
+            heads = self._model.blocks[0].num_heads
+            return self._features.new_zeros(B, len(self._model.blocks), heads, N, dtype=torch.float32)
+        return None
+
+    @property
+    def inputs(self) -> Optional[torch.Tensor]:
+        return torch.stack(self._inputs, 1) if (self._inputs and self._want_inputs) else None
+
+    @property
+    def attention(self) -> Optional[torch.Tensor]:
+        if not (self._want_attention and self._inputs):
+            return None
+        with torch.set_grad_enabled(not self._detach):
+            return torch.stack([attention_maps(a, x) for a, x in zip(attention_modules(self._model), self._inputs)], 1)
+
+    @property
+    def features(self) -> Optional[torch.Tensor]:
+        return self._features
+
+    @property
+    def logits(self) -> Optional[torch.Tensor]:
+        if self._features is None:
+            return None
+        with torch.set_grad_enabled(not self._detach):
+            return patch_logits(self._model, self._features)
+
+    @property
+    def patch_tokens(self) -> slice:
+        """Slice of the token axis holding the patch tokens (row-major over ``grid_size``)."""
+        return slice(self.num_prefix_tokens, None)
+
+
+@contextmanager
+def capture(model: nn.Module, attention: bool = False, inputs: bool = False, detach: bool = True) -> Iterator[Record]:
+    """Record posteriors, KL, (attention maps), and per-patch logits of every forward pass of ``model``.
+
+    Works for every timm_vib model and for ``vibify``-ed timm ViTs (prefix tokens kept on the token
+    axis). Attention maps are recomputed from the captured attention inputs only when ``attention``
+    is set, and only when ``record.attention`` is read. Hooks are removed on exit.
+
+    Example::
+
+        with capture(model, attention=True) as rec:
+            model(images)
+        rec.mu, rec.kl, rec.attention, rec.logits
+    """
+    if not hasattr(model, 'blocks') or not hasattr(model, 'patch_embed'):
+        raise TypeError(f'capture takes a timm VisionTransformer, got {type(model).__name__}')
+    rec = Record(model, attention, inputs, detach)
+    handles = []
+    try:
+        def reset(module, args):
+            rec.clear()
+
+        def on_bottleneck(module, args, out):
+            _, mu, logvar = out
+            rec._post.append((rec._d(mu), rec._d(logvar)))
+
+        def on_attn_input(module, args, kwargs):
+            x = args[0] if args else kwargs['x']
+            rec._inputs.append(rec._d(x))
+
+        def on_norm(module, args, out):
+            rec._features = rec._d(out)
+
+        handles.append(model.patch_embed.register_forward_pre_hook(reset))
+        handles += [b.register_forward_hook(on_bottleneck) for b in model.modules() if isinstance(b, HeadBottleneck)]
+        if attention or inputs:
+            attns = attention_modules(model)
+            if not attns:
+                raise ValueError('this model has no attention modules (attention-free blocks): nothing to capture')
+            handles += [a.register_forward_pre_hook(on_attn_input, with_kwargs=True) for a in attns]
+        handles.append(model.norm.register_forward_hook(on_norm))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,166 @@
+""" Query-key SVD of every head (seed 002: Pan, Philip, Xie, Schwartz, NeurIPS 2024)
+
+Per head, M = W_q^T W_k (embed x embed, rank <= head_dim) says how a query token x and a key token y
+interact: the (bias-free, unscaled) attention logit is x^T M y = sum_k s_k (x . u_k)(y . v_k). The
+cosine of each mode's left (query) and right (key) singular vectors says whether the mode makes
+tokens attend to similar (+) or dissimilar (-) tokens.
+
+Definition used: weights only. The q/k biases, the 1/sqrt(d) scale and the norm's affine parameters
+are left out, as in the paper; ``fold_norm_scale=True`` instead uses diag(g) M diag(g) with g the
+block's norm1 weight. The authors' code (schwartz-cnl/DissectingViT) divides its weighted mean by
+head_dim; here the singular-value-weighted mean is a true weighted mean (weights s_k / sum s_k).
+"""
+from dataclasses import dataclass
+from typing import Iterable, Tuple
+
+import torch
+import torch.nn as nn
+
+from .activity import _device, _images
+from .capture import attention_modules, capture, grid_size, num_prefix_tokens
+
+__all__ = ['QKSVD', 'qk_svd', 'qk_maps', 'optimal_attention_images']
+
+
+@dataclass
+class QKSVD:
+    """Modes of M = W_q^T W_k for every layer and head (heads may not differ in size across layers).
+
+    singular_values [depth, heads, head_dim] (descending); u (query) and v (key) [depth, heads, embed,
+    head_dim] unit singular vectors, mode k in column k; cosine [depth, heads, head_dim] = u_k . v_k.
+    """
+    singular_values: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    cosine: torch.Tensor
+
+    @property
+    def head_mean(self) -> torch.Tensor:
+        """Plain mean of the cosines over modes: [depth, heads]."""
+        return self.cosine.mean(-1)
+
+    @property
+    def head_weighted_mean(self) -> torch.Tensor:
+        """sum_k w_k cos_k with w_k = s_k / sum_k s_k: [depth, heads]."""
+        w = self.singular_values / self.singular_values.sum(-1, keepdim=True).clamp_min(1e-30)
+        return (w * self.cosine).sum(-1)
+
+    @property
+    def layer_mean(self) -> torch.Tensor:
+        """Plain mean over modes and heads: [depth]."""
+        return self.cosine.mean((1, 2))
+
+    @property
+    def layer_weighted_mean(self) -> torch.Tensor:
+        """Singular-value-weighted mean over the modes of all heads of a layer (weights sum to 1): [depth]."""
+        w = self.singular_values / self.singular_values.sum((1, 2), keepdim=True).clamp_min(1e-30)
+        return (w * self.cosine).sum((1, 2))
+
+
+def _qk_weights(model: nn.Module, fold_norm_scale: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    attns = attention_modules(model)
+    if not attns:
+        raise ValueError('this model has no attention (attention-free blocks): there is no query-key matrix')
+    wq, wk = [], []
+    for blk, a in zip([b for b in model.blocks if hasattr(b, 'attn')], attns):
+        H, D = a.num_heads, a.head_dim
+        w = a.qkv.weight.detach().to(torch.float64)
+        C = w.shape[1]
+        q, k = w[:H * D].reshape(H, D, C), w[H * D:2 * H * D].reshape(H, D, C)
+        if fold_norm_scale:
+            g = getattr(blk.norm1, 'weight', None)
+            if g is not None:
+                q, k = q * g.detach().double(), k * g.detach().double()
+        wq.append(q)
+        wk.append(k)
+    if len({t.shape for t in wq}) > 1:
+        raise ValueError('layers differ in heads or head size; call qk_svd on one block at a time')
+    return torch.stack(wq), torch.stack(wk)  # [depth, heads, head_dim, embed]
+
+
+def qk_svd(model: nn.Module, fold_norm_scale: bool = False) -> QKSVD:
+    """SVD of M = W_q^T W_k for every layer and head of a timm ViT (bottlenecked or not), all heads at once.
+
+    W_q, W_k are the head's rows of the qkv weight (biases ignored). M has rank <= head_dim, so its first
+    head_dim modes come from QR factors: W_q^T = Q_a R_a, W_k^T = Q_b R_b, M = Q_a (R_a R_b^T) Q_b^T,
+    and the small head_dim x head_dim core is decomposed (float64). Cosines are invariant to the joint
+    sign flip of a pair; with ``fold_norm_scale`` M becomes diag(g) M diag(g) (g: norm1 weight).
+    """
+    wq, wk = _qk_weights(model, fold_norm_scale)
+    qa, ra = torch.linalg.qr(wq.transpose(-1, -2))
+    qb, rb = torch.linalg.qr(wk.transpose(-1, -2))
+    uc, s, vch = torch.linalg.svd(ra @ rb.transpose(-1, -2))
+    u, v = qa @ uc, qb @ vch.transpose(-1, -2)
+    cos = (u * v).sum(-2)
+    return QKSVD(s.float(), u.float(), v.float(), cos.float())
+
+
+def _check_mode(svd: QKSVD, layer: int, head: int, mode: int) -> None:
+    depth, heads, modes = svd.cosine.shape
+    if not -depth <= layer < depth:
+        raise IndexError(f'layer {layer} out of range: the model has {depth} attention layers')
+    if not -heads <= head < heads:
+        raise IndexError(f'head {head} out of range: layer {layer} has {heads} heads')
+    if not -modes <= mode < modes:
+        raise IndexError(f'mode {mode} out of range: heads have {modes} modes')
+
+
+def qk_maps(
+        model: nn.Module,
+        images: torch.Tensor,
+        layer: int,
+        head: int,
+        mode: int,
+        svd: QKSVD = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Query and key maps of one mode: the block's normed attention input tokens projected on u_k and
+    on v_k, on the patch grid: ([B, rows, cols], [B, rows, cols]) (embedding units)."""
+    svd = qk_svd(model) if svd is None else svd
+    _check_mode(svd, layer, head, mode)
+    with torch.no_grad(), capture(model, inputs=True) as rec:
+        model(images.to(_device(model, None)))
+        x = rec.inputs[:, layer, num_prefix_tokens(model):].float()
+    gh, gw = grid_size(model)
+    u, v = svd.u[layer, head, :, mode].to(x.device), svd.v[layer, head, :, mode].to(x.device)
+    return (x @ u).reshape(-1, gh, gw), (x @ v).reshape(-1, gh, gw)
+
+
+def optimal_attention_images(
+        model: nn.Module,
+        loader: Iterable,
+        layer: int,
+        head: int,
+        mode: int,
+        k: int = 8,
+        svd: QKSVD = None,
+        device=None,
+) -> dict:
+    """Images of a dataset maximising max(query map) x max(key map) for one mode, for both sign
+    conventions of the pair (u, v) and (-u, -v): {'+': (scores [k], indices [k]), '-': (...)},
+    best first, indices in loader order. Streams with a running top-k."""
+    svd = qk_svd(model) if svd is None else svd
+    _check_mode(svd, layer, head, mode)
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f'k must be an integer >= 1, got {k!r}')
+    device = _device(model, device)
+    P = num_prefix_tokens(model)
+    u, v = svd.u[layer, head, :, mode].to(device), svd.v[layer, head, :, mode].to(device)
+    best = {'+': None, '-': None}
+    seen = 0
+    with torch.no_grad(), capture(model, inputs=True) as rec:
+        for batch in loader:
+            x = _images(batch).to(device)
+            model(x)
+            t = rec.inputs[:, layer, P:].float()
+            qm, km = t @ u, t @ v
+            for sign, s in (('+', 1.0), ('-', -1.0)):
+                score = (s * qm).amax(1) * (s * km).amax(1)
+                idx = torch.arange(seen, seen + len(x), device=score.device)
+                if best[sign] is not None:
+                    score, idx = torch.cat([best[sign][0], score]), torch.cat([best[sign][1], idx])
+                top = score.topk(min(k, len(score)))
+                best[sign] = (top.values, idx[top.indices])
+            seen += len(x)
+    if seen == 0:
+        raise ValueError('the loader yielded no batches')
+    return best

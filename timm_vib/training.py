@@ -1,0 +1,638 @@
+"""Training through Hugging Face Accelerate: one loop for one CPU, one GPU, many GPUs or nodes.
+
+``train(args)`` is the loop, written top to bottom like Accelerate's examples; the pieces it uses
+(arguments, model, schedule, evaluation, checkpoints, run files) are the other functions here.
+``examples/train.py`` and the ``timm-vib train`` / ``timm-vib sweep`` commands all call it.
+
+Run folder ``DIR`` (``--output``):
+  run_config.json   every choice: resolved arguments, model, beta, KL convention, data, world size, versions
+  metrics.jsonl     one JSON object per epoch (train / val loss, CE, top-1 / top-5 in %, nats, per-head KL)
+  model.safetensors + config.json   final weights in timm's Hub format (``timm_vib.checkpoints.load_model``)
+  checkpoints/      Accelerate states (model, optimizer, scheduler, RNGs, sampler) + train_state.json
+  summary.json      written last: its presence means the run finished
+"""
+import argparse
+import ast
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .files import atomic_write_json, atomic_write_text
+from .information import KL_REDUCTIONS, information_loss
+
+__all__ = ['add_train_args', 'parse_args', 'train', 'run_sweep', 'evaluate', 'Checkpoints', 'build_model',
+           'register_cli', 'ACTIVE_KL', 'sweep_model_name']
+
+ACTIVE_KL = 1e-2  # nats: a head is active if it sends more than this to at least one validation patch (paper)
+
+
+# --- arguments ----------------------------------------------------------------------------------
+
+def _kv(text: str) -> Tuple[str, Any]:
+    if '=' not in text:
+        raise argparse.ArgumentTypeError(f'--model-kwargs takes KEY=VALUE, got {text!r}')
+    key, value = text.split('=', 1)
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass  # a plain string, e.g. global_pool=avg
+    return key, value
+
+
+def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of a training run (defaults: the paper's recipe, appendix A)."""
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='vit_tiny_vib_b1', help='timm model name (vit_tiny_vib_b4, vit_tiny_noattn, ...)')
+    g.add_argument('--model-kwargs', nargs='*', default=[], type=_kv, metavar='KEY=VALUE',
+                   help='passed to timm.create_model, e.g. depth=2 img_size=32 patch_size=4')
+    g.add_argument('--beta', type=float, default=None, help='information cost (default: from the model name)')
+    g.add_argument('--beta-warmup-epochs', type=float, default=0.,
+                   help='ramp beta linearly from 0 over these epochs (0 = the paper text; its code used 10)')
+    g.add_argument('--kl-reduction', choices=KL_REDUCTIONS, default='mean',
+                   help='mean over layers x heads x tokens (reference code, default) or sum (eq. 3)')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model (through Accelerate)')
+    g = p.add_argument_group('data')
+    g.add_argument('--data', default='digits', help='digits | fashion-mnist[:FOLDER] | an ImageNet-style FOLDER')
+    g.add_argument('--class-list', default=None, help='file of WordNet ids to keep, or "imagenet100"')
+    g.add_argument('--max-train-samples', type=int, default=None, help='keep N training images (short runs)')
+    g.add_argument('--max-val-samples', type=int, default=None, help='keep N validation images')
+    g.add_argument('--num-workers', type=int, default=0)
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=1000)
+    g.add_argument('--batch-size', type=int, default=256, help='per process')
+    g.add_argument('--lr', type=float, default=6e-4)
+    g.add_argument('--min-lr', type=float, default=1e-6, help='end of the cosine schedule')
+    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--warmup-epochs', type=float, default=10.)
+    g.add_argument('--grad-accum', type=int, default=1, help='gradient accumulation steps')
+    g.add_argument('--clip-grad', type=float, default=None, help='max gradient norm (off by default)')
+    g.add_argument('--mixed-precision', choices=('auto', 'no', 'fp16', 'bf16'), default='auto',
+                   help='auto: bf16 on GPUs that have it, else fp16 on GPU, off on CPU')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--cpu', action='store_true', help='train on the CPU even if a GPU is present')
+    g = p.add_argument_group('run')
+    g.add_argument('--output', default=None, help='run folder (default runs/MODEL-DATA)')
+    g.add_argument('--resume', nargs='?', const='latest', default=None, metavar='CHECKPOINT',
+                   help='continue from the latest checkpoint in OUTPUT/checkpoints (or the one given)')
+    g.add_argument('--checkpoint-every', type=int, default=0, help='also save a checkpoint every N optimizer steps')
+    g.add_argument('--keep-checkpoints', type=int, default=2, help='keep the latest K checkpoints')
+    g.add_argument('--stochastic-eval', type=int, default=0, metavar='K',
+                   help='also report mean and std over K validation passes that sample z')
+    g.add_argument('--log-with', nargs='*', default=[], help='Accelerate trackers, e.g. tensorboard')
+    g.add_argument('--log-interval', type=int, default=10, help='steps between progress-bar updates')
+    g.add_argument('--no-progress', action='store_true', help='no progress bars')
+    g.add_argument('--kill-at-step', type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL itself there
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the training arguments (``examples/train.py`` and ``timm-vib train`` take the same)."""
+    return add_train_args(argparse.ArgumentParser(description='Train a timm_vib model with Accelerate')).parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Clear errors for bad arguments, before any data is read or model built."""
+    import timm
+    import timm_vib  # noqa: F401  (registers the models)
+    if not timm.is_model(args.model):
+        close = [n for n in timm_vib.MODEL_NAMES if args.model.split('_')[0] in n][:8] or timm_vib.MODEL_NAMES
+        raise ValueError(f'unknown model {args.model!r}; timm_vib models: {", ".join(close)}')
+    for name in ('epochs', 'batch_size', 'grad_accum', 'keep_checkpoints', 'log_interval'):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    for name in ('checkpoint_every', 'stochastic_eval', 'num_workers', 'warmup_epochs', 'beta_warmup_epochs'):
+        if getattr(args, name) < 0:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
+    if not args.lr > 0:
+        raise ValueError(f'--lr must be > 0, got {args.lr}')
+    if args.beta is not None and not (math.isfinite(args.beta) and args.beta >= 0):
+        raise ValueError(f'--beta must be finite and >= 0, got {args.beta}')
+
+
+def _default_output(args: argparse.Namespace) -> str:
+    data = Path(args.data.split(':', 1)[-1]).name if args.data not in ('digits', 'fashion-mnist') else args.data
+    return str(Path('runs') / f'{args.model}-{data}')
+
+
+# --- model, optimisation --------------------------------------------------------------------------
+
+def _default_img_size(name: str) -> int:
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name)
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> Tuple[torch.nn.Module, str, Dict[str, Any]]:
+    """The model of the run, with beta resolved; returns (model, architecture to record, model_args).
+
+    ``--beta`` on a fixed-beta name builds ``vit_tiny_vib(beta=...)``, recorded as such, so the saved
+    folder reloads with the right beta.
+    """
+    import timm
+    import timm_vib
+    kwargs = dict(args.model_kwargs)
+    name, arch = args.model, args.model
+    fixed = timm_vib.beta_from_name(name)
+    if args.beta is not None:
+        if name in ('vit_tiny_noattn', 'vit_tiny_gap'):
+            raise ValueError(f'{name} has no information bottleneck: --beta does not apply to it')
+        if fixed is not None and args.beta != fixed:
+            arch = 'vit_tiny_vib'
+        if name.startswith('vit_tiny_vib'):
+            kwargs['beta'] = args.beta
+    try:
+        model = timm.create_model(arch, num_classes=num_classes, **kwargs)
+    except (TypeError, AssertionError) as e:
+        raise ValueError(f'--model-kwargs {kwargs} do not fit {arch}: {e}') from None
+    if args.beta is not None and not hasattr(model, 'beta'):
+        raise ValueError(f'{name} has no information bottleneck: --beta does not apply to it')
+    if arch != name or 'beta' in kwargs:
+        kwargs['beta'] = float(model.beta)
+    return model, arch, kwargs
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """lr factor per optimizer update: linear warmup over ``warmup`` updates, then cosine to ``min_ratio``."""
+    def f(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / warmup
+        t = (update - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, 'mps', None)
+    xpu = getattr(torch, 'xpu', None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != 'auto':
+        return choice
+    if torch.cuda.is_available():
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+    return 'no'
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, beta: float, kl_reduction: str = 'mean', stochastic: bool = False) -> Dict[str, Any]:
+    """Validation metrics in eval mode (posterior mean mu, or sampled z with ``stochastic``).
+
+    Every process evaluates its shard; ``gather_for_metrics`` drops the samples Accelerate repeats to
+    even out the shards, so counts are exact. Returns val_loss, val_ce, val_top1, val_top5 (%),
+    nats_per_image (sum of KL over layers x heads x tokens), nats_per_patch, head_kl [depth][heads]
+    (mean KL per patch, nats), active_heads ("layer.head" with KL > 1e-2 nats on some patch), val_count.
+    """
+    net = accelerator.unwrap_model(model)
+    has_kl = getattr(net, 'attn_mode', 'plain') != 'plain'
+    model.eval()
+    if getattr(net, 'has_bottleneck', False):
+        net.stochastic_eval = stochastic
+    parts: Dict[str, List[torch.Tensor]] = {}
+    for x, y in loader:
+        if has_kl:
+            logits, kl = model(x, return_kl=True)
+        else:
+            logits, kl = model(x), None
+        logits = logits.float()
+        ce = F.cross_entropy(logits, y, reduction='none')
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        out = {'ce': ce, 'top1': (top[:, 0] == y).float(), 'top5': (top == y[:, None]).any(-1).float()}
+        if kl is not None:
+            out['nats'] = kl.sum(dim=(1, 2, 3))                         # [B] nats per image
+            out['info'] = kl.mean(dim=(1, 2, 3)) if kl_reduction == 'mean' else out['nats']
+            out['head_mean'] = kl.mean(dim=3)                           # [B, depth, heads]
+            out['head_max'] = kl.amax(dim=3)
+            out['tokens'] = torch.full_like(ce, kl.shape[-1])
+        for k, v in accelerator.gather_for_metrics(out).items():
+            parts.setdefault(k, []).append(v.float().cpu())
+    if getattr(net, 'has_bottleneck', False):
+        net.stochastic_eval = False
+    r = {k: torch.cat(v) for k, v in parts.items()}
+    n = len(r['ce'])
+    res: Dict[str, Any] = {
+        'val_count': n,
+        'val_ce': r['ce'].mean().item(),
+        'val_top1': 100 * r['top1'].mean().item(),
+        'val_top5': 100 * r['top5'].mean().item(),
+    }
+    if 'nats' in r:
+        res['val_loss'] = (r['ce'] + beta * r['info']).mean().item()
+        res['nats_per_image'] = r['nats'].mean().item()
+        res['nats_per_patch'] = res['nats_per_image'] / r['tokens'][0].item()
+        res['head_kl'] = r['head_mean'].mean(0).tolist()
+        peak = r['head_max'].amax(0)
+        res['active_heads'] = [f'{l}.{h}' for l, h in (peak > ACTIVE_KL).nonzero().tolist()]
+    else:
+        res.update(val_loss=res['val_ce'], nats_per_image=None, nats_per_patch=None, head_kl=None, active_heads=None)
+    return res
+
+
+def stochastic_evaluate(model, loader, accelerator, beta: float, kl_reduction: str, k: int) -> Dict[str, Any]:
+    """Mean and std (over K passes, ddof=1) of top-1 and nats per image with z sampled, as the paper reports."""
+    runs = [evaluate(model, loader, accelerator, beta, kl_reduction, stochastic=True) for _ in range(k)]
+    out = {'k': k}
+    for key, name in (('val_top1', 'top1'), ('val_top5', 'top5'), ('nats_per_image', 'nats_per_image')):
+        v = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+        out[f'{name}_mean'] = v.mean().item()
+        out[f'{name}_std'] = v.std().item() if k > 1 else 0.0
+    return out
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+class Checkpoints:
+    """Accelerate states under ``folder``, one sub-folder per checkpoint, the latest ``keep`` kept.
+
+    A checkpoint is written into a hidden temporary folder and renamed into place only once every
+    process has finished writing; older ones are pruned only after that. A kill at any moment thus
+    leaves the previous checkpoints intact (a half-written temporary folder is ignored and removed
+    later). Names are our own (``ckpt-STEP-EPOCH-BATCH``) rather than Accelerate's automatic naming,
+    whose counter ``load_state`` does not restore.
+    """
+
+    def __init__(self, accelerator, folder: Path, keep: int = 2):
+        self.accelerator, self.folder, self.keep = accelerator, Path(folder), keep
+
+    def list(self) -> List[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.glob('ckpt-*') if (p / 'train_state.json').is_file())
+
+    def latest(self) -> Optional[Path]:
+        found = self.list()
+        return found[-1] if found else None
+
+    def save(self, state: Dict[str, Any]) -> Path:
+        acc = self.accelerator
+        name = f'ckpt-{state["step"]:09d}-{state["epoch"]:05d}-{state["batch"]:06d}'
+        final, tmp = self.folder / name, self.folder / f'.tmp-{name}'
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            atomic_write_json(tmp / 'train_state.json', state)
+            if final.exists():  # same position saved again: move the old one aside first
+                old = self.folder / f'.old-{name}'
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            for p in self.list()[:-self.keep]:
+                shutil.rmtree(p, ignore_errors=True)
+            for p in self.folder.glob('.old-*'):
+                shutil.rmtree(p, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> Dict[str, Any]:
+        self.accelerator.load_state(str(path))
+        return json.loads((Path(path) / 'train_state.json').read_text())
+
+
+# --- run files ----------------------------------------------------------------------------------
+
+def _versions() -> Dict[str, str]:
+    import accelerate
+    import timm
+    import timm_vib
+    return {'python': platform.python_version(), 'torch': torch.__version__, 'timm': timm.__version__,
+            'accelerate': accelerate.__version__, 'timm_vib': timm_vib.__version__}
+
+
+def _read_metrics(path: Path) -> List[Dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _append_metrics(path: Path, row: Dict[str, Any]) -> None:
+    rows = _read_metrics(path) + [row]
+    atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in rows))
+
+
+# Arguments that define what is trained: a resumed run must agree on them with the run it continues.
+_SAME_ON_RESUME = ('model', 'model_kwargs', 'beta', 'kl_reduction', 'data', 'class_list', 'max_train_samples',
+                   'batch_size', 'lr', 'weight_decay', 'warmup_epochs', 'grad_accum', 'seed', 'epochs')
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def train(args: argparse.Namespace) -> Path:
+    """Train one model as ``args`` say; returns the run folder. A finished run (summary.json present)
+    is returned as it is when ``--resume`` is given."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.data_loader import skip_first_batches
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from timm.optim import create_optimizer_v2
+
+    from .checkpoints import save_model
+    from .data import create_loaders
+
+    # 1. Check everything we can before starting anything
+    args = copy.copy(args)
+    args.model_kwargs = list(args.model_kwargs)
+    check_args(args)
+    out = Path(args.output or _default_output(args))
+    args.output = str(out)
+    if (out / 'summary.json').is_file():
+        if args.resume:
+            return out
+        raise ValueError(f'{out} holds a finished run (summary.json); choose another --output or remove it')
+    if not args.resume and (out / 'checkpoints').is_dir() and any((out / 'checkpoints').glob('ckpt-*')):
+        raise ValueError(f'{out} holds an unfinished run: pass --resume to continue it, or choose another --output')
+    model_kwargs = dict(args.model_kwargs)
+    img_size = int(model_kwargs.get('img_size', _default_img_size(args.model)))
+    patch = model_kwargs.get('patch_size')
+    if patch is not None and img_size % int(patch):
+        raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch}: the patch grid must divide the image')
+
+    # 2. Accelerator: device, processes, mixed precision; the seedable sampler makes the shuffling
+    # a function of (seed, epoch), which exact resumption relies on
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.grad_accum,
+        mixed_precision=_mixed_precision(args.mixed_precision),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        log_with=args.log_with or None,
+        project_dir=str(out),
+        dynamo_backend='inductor' if args.compile else 'no',
+        # without a GPU, say so: only then does Accelerate take torchrun's WORLD_SIZE > 1 as multi-CPU (gloo)
+        cpu=args.cpu or not _has_accelerator(),
+    )
+    set_seed(args.seed)
+
+    # 3. Data and model
+    train_loader, val_loader, spec = create_loaders(
+        args.data, img_size, args.batch_size, class_list=args.class_list, seed=args.seed, num_workers=args.num_workers,
+        max_train_samples=args.max_train_samples, max_val_samples=args.max_val_samples)
+    model, arch, model_args = build_model(args, spec.num_classes)
+    beta = float(getattr(model, 'beta', 0.0))
+    attn_mode = getattr(model, 'attn_mode', 'plain')
+    has_kl = attn_mode != 'plain'  # gap (and non-timm_vib models) train as plain classifiers
+
+    # 4. Optimiser: AdamW, no decay on biases, 1-D parameters and the bottlenecks (model.no_weight_decay)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
+    total_updates = updates_per_epoch * args.epochs
+    warmup_updates = round(args.warmup_epochs * updates_per_epoch)
+    # stepped by us once per optimizer update (not prepared: Accelerate would step it once per process)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer, warmup_cosine(warmup_updates, total_updates, args.min_lr / args.lr))
+    accelerator.register_for_checkpointing(scheduler)
+    beta_warmup_updates = round(args.beta_warmup_epochs * updates_per_epoch)
+
+    # 5. Record every choice
+    net = accelerator.unwrap_model(model)
+    config = {
+        'args': {k: dict(v) if k == 'model_kwargs' else v for k, v in vars(args).items()
+                 if k not in ('kill_at_step', 'func')},
+        'model': args.model, 'architecture': arch, 'model_kwargs': model_args, 'beta': beta, 'attn_mode': attn_mode,
+        'kl_reduction': args.kl_reduction, 'beta_warmup_epochs': args.beta_warmup_epochs,
+        'data': spec.to_dict(), 'dataset': spec.name, 'num_classes': spec.num_classes, 'img_size': img_size,
+        'mean': list(spec.mean), 'std': list(spec.std),
+        'optimizer': {'name': 'adamw', 'lr': args.lr, 'weight_decay': args.weight_decay,
+                      'no_weight_decay': 'biases, 1-D parameters, model.no_weight_decay() (all bottleneck parameters)'},
+        'schedule': {'name': 'cosine', 'warmup_epochs': args.warmup_epochs, 'warmup_updates': warmup_updates,
+                     'updates_per_epoch': updates_per_epoch, 'total_updates': total_updates, 'min_lr': args.min_lr,
+                     'stepped': 'per optimizer update'},
+        'world_size': accelerator.num_processes, 'global_batch_size': args.batch_size * accelerator.num_processes * args.grad_accum,
+        'mixed_precision': accelerator.mixed_precision, 'device': str(accelerator.device), 'seed': args.seed,
+        'versions': _versions(),
+    }
+    ckpts = Checkpoints(accelerator, out / 'checkpoints', args.keep_checkpoints)
+    metrics_path = out / 'metrics.jsonl'
+
+    # 6. Resume: model, optimizer, scheduler, RNG and sampler states, then our position in the data
+    state = {'epoch': 0, 'batch': 0, 'step': 0, 'samples': 0, 'train_seconds': 0.0, 'sums': [0.0, 0.0, 0.0, 0.0]}
+    resume_from = None
+    if args.resume:
+        resume_from = ckpts.latest() if args.resume == 'latest' else Path(args.resume)
+        if resume_from is None:
+            accelerator.print(f'no checkpoint in {ckpts.folder}: starting {out} from scratch')
+        elif not (resume_from / 'train_state.json').is_file():
+            raise FileNotFoundError(f'{resume_from} is not a checkpoint of this trainer (no train_state.json)')
+    if resume_from is not None:
+        old = json.loads((out / 'run_config.json').read_text()) if (out / 'run_config.json').is_file() else None
+        if old is not None:
+            diff = [k for k in _SAME_ON_RESUME if json.dumps(old['args'].get(k)) != json.dumps(config['args'].get(k))]
+            if diff:
+                raise ValueError(f'--resume with arguments that differ from the run in {out}: {", ".join(diff)}')
+        state = ckpts.load(resume_from)
+        if not accelerator.is_main_process:
+            state['sums'] = [0.0] * 4  # the saved sums are over all processes; rank 0 carries them
+        accelerator.print(f'resumed from {resume_from} (epoch {state["epoch"] + 1}, batch {state["batch"]}, step {state["step"]})')
+    if accelerator.is_main_process:
+        if resume_from is None:
+            atomic_write_json(out / 'run_config.json', config)
+        # metrics of epochs after the checkpoint would be repeated: drop them
+        kept = [r for r in _read_metrics(metrics_path) if r['epoch'] <= state['epoch']]
+        atomic_write_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in kept))
+    if args.log_with:
+        accelerator.init_trackers(out.name, config={k: v for k, v in config['args'].items() if isinstance(v, (int, float, str, bool))})
+
+    progress = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), disable=args.no_progress or not accelerator.is_local_main_process)
+    task = progress.add_task('', total=len(train_loader))
+    val = {}
+
+    # 7. The loop
+    with progress:
+        for epoch in range(state['epoch'], args.epochs):
+            model.train()
+            train_loader.set_epoch(epoch)
+            train_loader.dataset.set_epoch(epoch)  # augmentation seeds (seed, epoch, index)
+            # after a kill mid-epoch: exactly the batches that were left, in the same order
+            loader = skip_first_batches(train_loader, state['batch']) if state['batch'] else train_loader
+            progress.reset(task, total=len(train_loader), completed=state['batch'])
+            sums = torch.tensor(state['sums'], dtype=torch.float64)  # loss, ce, correct, samples
+            t0 = time.perf_counter()
+            for batch_idx, (x, y) in enumerate(loader, start=state['batch']):
+                with accelerator.accumulate(model):
+                    beta_now = beta * min(1.0, (state['step'] + 1) / beta_warmup_updates) if beta_warmup_updates else beta
+                    if has_kl:
+                        logits, kl = model(x, return_kl=True)
+                        info = information_loss(kl, args.kl_reduction)
+                    else:
+                        logits, kl, info = model(x), None, torch.zeros((), device=x.device)
+                    ce = F.cross_entropy(logits.float(), y)
+                    loss = ce + beta_now * info
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.clip_grad:
+                        accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                n = x.shape[0]
+                sums += torch.tensor([loss.item() * n, ce.item() * n, (logits.argmax(-1) == y).sum().item(), n],
+                                     dtype=torch.float64)
+                state['batch'] = batch_idx + 1
+                state['samples'] += n * accelerator.num_processes
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                    state['step'] += 1
+                    if state['step'] % args.log_interval == 0 or state['batch'] == len(train_loader):
+                        nats = kl.detach().sum(dim=(1, 2, 3)).mean().item() if kl is not None else float('nan')
+                        progress.update(task, description=(
+                            f'epoch {epoch + 1}/{args.epochs} loss {sums[0] / sums[3]:.3f} '
+                            f'acc {100 * sums[2] / sums[3]:.1f}% nats/img {nats:.1f}'))
+                    if args.checkpoint_every and state['step'] % args.checkpoint_every == 0 \
+                            and state['batch'] < len(train_loader):
+                        state['train_seconds'] += time.perf_counter() - t0
+                        state['sums'] = accelerator.reduce(sums.to(accelerator.device), 'sum').tolist()
+                        ckpts.save(state)
+                        t0 = time.perf_counter()
+                    if args.kill_at_step is not None and state['step'] == args.kill_at_step:
+                        os.kill(os.getpid(), signal.SIGKILL)  # tests: a real kill, at any point after a checkpoint
+                progress.update(task, completed=state['batch'])
+            state['train_seconds'] += time.perf_counter() - t0
+
+            # 8. End of epoch: gather train metrics, validate, log, checkpoint
+            loss_sum, ce_sum, correct, count = accelerator.reduce(sums.to(accelerator.device), 'sum').tolist()
+            val = evaluate(model, val_loader, accelerator, beta, args.kl_reduction)
+            row = {'epoch': epoch + 1, 'step': state['step'], 'lr': scheduler.get_last_lr()[0],
+                   'beta': beta_now if len(train_loader) else beta,
+                   'train_loss': loss_sum / count, 'train_ce': ce_sum / count, 'train_top1': 100 * correct / count, **val}
+            if args.stochastic_eval and has_kl and attn_mode == 'vib':
+                se = stochastic_evaluate(model, val_loader, accelerator, beta, args.kl_reduction, args.stochastic_eval)
+                row.update({f'stochastic_{k}': v for k, v in se.items()})
+            if accelerator.is_main_process:
+                _append_metrics(metrics_path, row)
+            accelerator.print(
+                f'epoch {epoch + 1}: train loss {row["train_loss"]:.4f} | val loss {row["val_loss"]:.4f} top-1 '
+                f'{row["val_top1"]:.2f}% top-5 {row["val_top5"]:.2f}% | nats/img {row["nats_per_image"]} | '
+                f'active heads {None if row["active_heads"] is None else len(row["active_heads"])}')
+            if args.log_with:
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state['step'])
+            state.update(epoch=epoch + 1, batch=0, sums=[0.0] * 4)
+            ckpts.save(state)
+
+    # 9. Final weights (timm's Hub format) and the summary, written last
+    accelerator.wait_for_everyone()
+    net = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        if not val:  # resumed after the last epoch had already been saved
+            val = {k: v for k, v in _read_metrics(metrics_path)[-1].items()}
+        save_model(net, out, model_args=model_args, data_config=spec.data_config(), architecture=arch)
+        last = _read_metrics(metrics_path)[-1]
+        se = {k[len('stochastic_'):]: v for k, v in last.items() if k.startswith('stochastic_')} or None
+        pe = getattr(net, 'patch_embed', None)
+        blocks = getattr(net, 'blocks', [])
+        summary = {
+            'model': args.model, 'architecture': arch, 'beta': beta, 'attn_mode': attn_mode,
+            'kl_reduction': args.kl_reduction, 'dataset': spec.name, 'num_classes': spec.num_classes,
+            'img_size': img_size, 'patch_size': int(pe.patch_size[0]) if pe is not None else None,
+            'depth': len(blocks), 'num_heads': getattr(net, 'blocks', [None])[0].attn.num_heads
+            if blocks and hasattr(blocks[0], 'attn') else (getattr(blocks[0], 'num_heads', None) if blocks else None),
+            'vib_dim': getattr(net, 'vib_dim', None),
+            'epochs': args.epochs, 'steps': state['step'],
+            'val_top1': last['val_top1'], 'val_top5': last['val_top5'], 'val_loss': last['val_loss'],
+            'nats_per_image': last['nats_per_image'], 'nats_per_patch': last['nats_per_patch'],
+            'head_kl': last['head_kl'], 'active_heads': last['active_heads'],
+            'num_active_heads': None if last['active_heads'] is None else len(last['active_heads']),
+            'stochastic_eval': se, 'train_seconds': state['train_seconds'],
+            'train_samples_per_second': state['samples'] / state['train_seconds'] if state['train_seconds'] else None,
+            'world_size': accelerator.num_processes, 'seed': args.seed,
+        }
+        atomic_write_json(out / 'summary.json', summary)
+    accelerator.wait_for_everyone()
+    if args.log_with:
+        accelerator.end_training()
+    return out
+
+
+# --- sweep --------------------------------------------------------------------------------------
+
+def sweep_model_name(beta: float) -> Tuple[str, Optional[float]]:
+    """beta -> (registered name, beta override): 0.01 -> ('vit_tiny_vib_b0p01', None); 2 -> ('vit_tiny_vib', 2.0)."""
+    import timm
+    import timm_vib  # noqa: F401
+    name = 'vit_tiny_vib_b' + f'{beta:g}'.replace('.', 'p')
+    return (name, None) if timm.is_model(name) else ('vit_tiny_vib', beta)
+
+
+def run_sweep(args: argparse.Namespace) -> List[Path]:
+    """Train the spectrum one run after another under ``args.output`` (one sub-folder per model:
+    vit_tiny_noattn, the betas, vit_tiny_gap), skipping finished runs and resuming unfinished ones;
+    writes ``sweep.json`` and ``sweep.md``: accuracy vs information for all runs. Returns the run folders."""
+    betas = [float(b) for b in str(args.betas).split(',') if b.strip()]
+    if not betas:
+        raise ValueError('--betas names no beta')
+    root = Path(args.output or 'runs/sweep')
+    plan: List[Tuple[str, str, Optional[float]]] = []
+    if not args.no_ends:
+        plan.append(('vit_tiny_noattn', 'vit_tiny_noattn', None))
+    for b in betas:
+        name, override = sweep_model_name(b)
+        plan.append((name if override is None else f'vit_tiny_vib_beta{b:g}', name, override))
+    if not args.no_ends:
+        plan.append(('vit_tiny_gap', 'vit_tiny_gap', None))
+    runs = []
+    for folder, name, override in plan:
+        a = copy.copy(args)
+        a.model, a.beta, a.output, a.resume = name, override, str(root / folder), 'latest'
+        check_args(a)
+    for folder, name, override in plan:
+        a = copy.copy(args)
+        a.model, a.beta, a.output, a.resume = name, override, str(root / folder), 'latest'
+        runs.append(train(a))
+    rows = [json.loads((r / 'summary.json').read_text()) for r in runs if (r / 'summary.json').is_file()]
+    table = [{'run': r.name, 'model': s['model'], 'beta': s['beta'], 'attn_mode': s['attn_mode'], 'val_top1': s['val_top1'],
+              'val_top5': s['val_top5'], 'nats_per_image': s['nats_per_image'], 'nats_per_patch': s['nats_per_patch'],
+              'num_active_heads': s['num_active_heads'], 'steps': s['steps'],
+              'train_samples_per_second': s['train_samples_per_second']} for r, s in zip(runs, rows)]
+    if _is_main():
+        atomic_write_json(root / 'sweep.json', table)
+        fmt = lambda v, f: '-' if v is None else format(v, f)  # noqa: E731
+        lines = ['| run | beta | val top-1 (%) | val top-5 (%) | nats / image | nats / patch | active heads |',
+                 '|---|---|---|---|---|---|---|']
+        lines += [f'| {t["run"]} | {t["beta"]:g} | {t["val_top1"]:.2f} | {t["val_top5"]:.2f} | '
+                  f'{fmt(t["nats_per_image"], ".2f")} | {fmt(t["nats_per_patch"], ".4f")} | {fmt(t["num_active_heads"], "d")} |'
+                  for t in table]
+        atomic_write_text(root / 'sweep.md', '\n'.join(lines) + '\n')
+        print('\n'.join(lines))
+    return runs
+
+
+def _is_main() -> bool:
+    from accelerate import PartialState
+    return PartialState().is_main_process
+
+
+# --- console ------------------------------------------------------------------------------------
+
+def _run_cli(fn):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            fn(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f'timm-vib {args.command}: error: {e}', file=sys.stderr)
+            return 2
+        return 0
+    return run
+
+
+def register_cli(sub) -> None:
+    """Add ``train`` and ``sweep`` to the ``timm-vib`` sub-command parser ``sub``."""
+    t = add_train_args(sub.add_parser('train', help='train one model with Accelerate'))
+    t.set_defaults(func=_run_cli(train))
+    s = add_train_args(sub.add_parser('sweep', help='train the beta spectrum (plus the noattn and gap ends)'))
+    s.add_argument('--betas', default='0,0.01,0.1,1,4,10', help='comma-separated betas')
+    s.add_argument('--no-ends', action='store_true', help='without vit_tiny_noattn and vit_tiny_gap')
+    s.set_defaults(func=_run_cli(run_sweep))
