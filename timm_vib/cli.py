@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_commands(sub)
     from .training import register_cli as _register_training
     _register_training(sub)  # train, sweep
+    from .demo import register_cli as _register_demo
+    _register_demo(sub)  # demo, analyze
     return parser
 
 
