@@ -198,7 +198,7 @@ def fig_kl_maps(runs: List[Run], ds, spec, idx: List[int], why: str, path: Path)
             m(x)
             maps.append(kl_map(rec.kl, rec.grid_size, rec.num_prefix_tokens).numpy())  # [k, rows, cols] nats
     n, c = len(idx), len(vib) + 1
-    fig, axes = plt.subplots(n, c, figsize=(1.55 * c + 0.6, 1.55 * n + 0.5), squeeze=False)
+    fig, axes = plt.subplots(n, c, figsize=(1.55 * c + 0.6, 1.55 * n + 0.9), squeeze=False, layout='constrained')
     for i in range(n):
         axes[i, 0].imshow(_show(x[i], spec), interpolation='nearest')
         axes[i, 0].set_ylabel(f'image {idx[i]}', fontsize=7)
@@ -226,7 +226,7 @@ def fig_survival(runs: List[Run], loader, path: Path) -> str:
     from .estimators import survival_function
     vib = [r for r in runs if r.mode == 'vib']
     n = len(vib)
-    fig, axes = plt.subplots(2, n, figsize=(2.7 * n + 0.4, 5.6), squeeze=False,
+    fig, axes = plt.subplots(2, n, figsize=(2.7 * n + 0.4, 5.6), squeeze=False, layout='constrained',
                              gridspec_kw={'height_ratios': [2.2, 1]})
     parts = []
     for j, r in enumerate(vib):
