@@ -446,7 +446,8 @@ def fig_js(runs: List[Run], js, path: Path) -> str:
         ax.set_xticks(range(1, len(runs) + 1))
         ax.set_xticklabels([r.label for r in runs], fontsize=8)
         ax.set_ylabel(f'JS to {names[mode]}\n(nats)', fontsize=8)
-        ax.set_ylim(-0.02, math.log(2) + 0.02)
+        top = max(float(np.percentile(np.concatenate(data), 99)), 1e-3)
+        ax.set_ylim(-0.02 * top, min(math.log(2), 1.1 * top))  # JS <= ln 2; zoom to where the data are
         ax.grid(True, axis='y', alpha=0.3)
         parts.append(f'to {names[mode]}: ' + ', '.join(f'{r.label} {float(per[r.label].median()):.3g}' for r in runs))
     axes[0, 0].set_title('Jensen-Shannon divergence of class probabilities per image, to each end (Fig. 7)', fontsize=9)
