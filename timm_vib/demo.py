@@ -119,9 +119,15 @@ def summary_table(run_dirs: Sequence[Path], title: str = 'timm-vib demo'):
         t.add_row(s['model'].replace('vit_tiny_', ''), '-' if r.mode != 'vib' else f"{s['beta']:g}",
                   fmt_top1(s['val_top1']) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else ''),
                   {'none': '0', 'plain': 'unbounded'}.get(r.mode) or fmt_nats(s['nats_per_image']),
-                  '-' if r.mode != 'vib' else (f"{len(r.active)}: {', '.join(s['active_heads'])}" if r.active else '0'),
+                  '-' if r.mode != 'vib' else _heads(s),
                   f"{s['train_seconds']:.0f} s")
     return t
+
+
+def _heads(s: Dict[str, Any]) -> str:
+    # 'n/total', with the list when it is short enough to read
+    n, total = len(s['active_heads']), s['depth'] * s['num_heads']
+    return f"{n}/{total}" + (f": {', '.join(s['active_heads'])}" if 0 < n <= 4 else '')
 
 
 def run_demo(args: argparse.Namespace) -> Path:

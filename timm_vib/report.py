@@ -235,12 +235,13 @@ def fig_survival(runs: List[Run], loader, path: Path) -> str:
         active = set(r.active)
         ax = axes[0, j]
         xs = x.clamp_min(1e-4).numpy()
+        styles = ['-', '--', ':', '-.']
         for l in range(D):
             for h in range(H):
-                on = (l, h) in active
-                ax.plot(xs, surv[l, h].numpy(), lw=1.4 if on else 0.7, alpha=0.95 if on else 0.4,
-                        color=plt.get_cmap('tab10')(len([a for a in active if a < (l, h)]) % 10) if on else '0.6',
-                        label=head_label(l, h) if on and len(active) <= 8 else None)
+                on = (l, h) in active  # colour: layer; line style: head; inactive heads faint
+                ax.plot(xs, surv[l, h].numpy(), ls=styles[h % 4], lw=1.4 if on else 0.8, alpha=0.95 if on else 0.35,
+                        color=plt.get_cmap('viridis')(l / max(1, D - 1) * 0.9),
+                        label=f'block {l}' if h == 0 and j == 0 else None)
         ax.set_xscale('log')
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(r.label, fontsize=9)
@@ -248,8 +249,8 @@ def fig_survival(runs: List[Run], loader, path: Path) -> str:
         ax.axvline(1e-2, color='r', ls=':', lw=0.8)
         if j == 0:
             ax.set_ylabel('P(KL >= x) over validation patches', fontsize=8)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, title='active heads', title_fontsize=6)
+        if j == 0:
+            ax.legend(fontsize=6, title='colour: block\nstyle: head 0, 1, 2', title_fontsize=6)
         grid = np.zeros((D, H))
         for l, h in active:
             grid[l, h] = 1
@@ -265,7 +266,11 @@ def fig_survival(runs: List[Run], loader, path: Path) -> str:
             g.axhline(l - 0.5, color='0.8', lw=0.5)
         for h in range(H + 1):
             g.axvline(h - 0.5, color='0.8', lw=0.5)
-        g.set_title(f'{len(active)} of {D * H} heads active', fontsize=8)
+        for l in range(D):  # the head's mean KL per patch, nats
+            for h in range(H):
+                g.text(h, l, f"{r.summary['head_kl'][l][h]:.2g}", ha='center', va='center', fontsize=6,
+                       color='w' if (l, h) in active else 'k')
+        g.set_title(f'{len(active)} of {D * H} heads active (mean nats/patch)', fontsize=8)
         parts.append(f"{r.label}: {len(active)} active heads" + (f": {', '.join(r.summary['active_heads'])}" if active else ''))
     fig.suptitle('Survival of per-patch KL per head (top; red: 0.01 nats) and active heads (bottom, black) (Fig. 3)',
                  fontsize=10)
@@ -377,7 +382,15 @@ def fig_repetition(runs: List[Run], ds, path: Path, n_patches: int = 256, max_he
 def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_points: int = 2048,
             n_samples: int = 20000, seed: int = 0) -> str:
     from .estimators import iterate_records, nmi_matrix
-    heads = [(r, lh) for r in _restricted(runs) for lh in sorted(r.active)][:max_heads]
+    # per model, its active heads that carry most (mean KL per patch >= 1e-3 nats: below that the
+    # Monte Carlo NMI is a ratio of noise), the most restricted models first
+    per_model = max(2, max_heads // max(1, len(_restricted(runs))))
+    heads = []
+    for r in _restricted(runs):
+        kl = r.summary['head_kl']
+        ranked = sorted((lh for lh in r.active if kl[lh[0]][lh[1]] >= 1e-3), key=lambda lh: -kl[lh[0]][lh[1]])
+        heads += [(r, lh) for lh in sorted(ranked[:per_model])]
+    heads = heads[:max_heads]
     if len(heads) < 2:
         fig, ax = plt.subplots(figsize=(5, 1))
         ax.axis('off')
@@ -405,12 +418,26 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
     res = nmi_matrix(pairs, n_samples=n_samples, seed=seed)
     names = [f'{r.label} {head_label(*lh)}' for r, lh in heads]
     K = len(heads)
+    # I(U;U') near 0 makes the ratio meaningless: leave those heads out (named in the caption)
+    ok = (torch.diagonal(res.mutual_information) > 1e-3).nonzero().flatten().tolist()
+    dropped = [names[i] for i in range(K) if i not in ok]
+    if len(ok) < 2:
+        ok = list(range(K))
+        dropped = []
+    val = res.value[ok][:, ok].clamp(0, 1)
+    se = res.stderr[ok][:, ok]
+    names = [names[i] for i in ok]
+    heads = [heads[i] for i in ok]
+    K = len(ok)
     fig, ax = plt.subplots(figsize=(0.55 * K + 2.6, 0.5 * K + 1.8))
-    im = ax.imshow(res.value.numpy(), cmap='viridis', vmin=0, vmax=1)
+    cmap = plt.get_cmap('viridis').copy()
+    cmap.set_bad('0.85')
+    im = ax.imshow(val.numpy(), cmap=cmap, vmin=0, vmax=1)
     for a in range(K):
         for b in range(K):
-            v = float(res.value[a, b])
-            ax.text(b, a, f'{v:.2f}', ha='center', va='center', fontsize=6, color='w' if v < 0.6 else 'k')
+            v = float(val[a, b])
+            ax.text(b, a, 'n/a' if math.isnan(v) else f'{v:.2f}', ha='center', va='center', fontsize=6,
+                    color='k' if math.isnan(v) or v > 0.6 else 'w')
     ax.set_xticks(range(K))
     ax.set_yticks(range(K))
     ax.set_xticklabels(names, rotation=60, ha='right', fontsize=7)
@@ -418,10 +445,13 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
     fig.colorbar(im, ax=ax, fraction=0.046, label='NMI')
     ax.set_title(f'NMI between active heads ({len(pts)} patches, {n_samples} samples) (Fig. 6)', fontsize=9)
     save_figure(fig, path)
-    cross = [(float(res.value[a, b]), a, b) for a in range(K) for b in range(a + 1, K) if heads[a][0] is not heads[b][0]]
+    cross = [(float(val[a, b]), a, b) for a in range(K) for b in range(a + 1, K)
+             if heads[a][0] is not heads[b][0] and not math.isnan(float(val[a, b]))]
     best = sorted(cross, reverse=True)[:3]
-    txt = '; '.join(f'{names[a]} ~ {names[b]}: {v:.2f}±{float(res.stderr[a, b]):.2f}' for v, a, b in best)
-    info = ', '.join(f'{n}: {float(i):.3g}' for n, i in zip(names, res.information))
+    txt = '; '.join(f'{names[a]} ~ {names[b]}: {v:.2f}±{float(se[a, b]):.2f}' for v, a, b in best)
+    info = ', '.join(f'{n}: {float(res.information[i]):.3g}' for n, i in zip(names, ok))
+    if dropped:
+        info += f" (left out, I(U;U') < 0.001 nats: {', '.join(dropped)})"
     return (f'Normalised mutual information between the {K} active heads of the most restricted models over {len(pts)} '
             f'patches; I(X;U) in nats: {info}. ' + (f'Most similar heads across models: {txt}.' if best else
                                                  'All heads are from one model.'))
