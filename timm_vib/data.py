@@ -253,7 +253,12 @@ def _folder(root: Path, split: str, class_list: Optional[List[str]]):
         classes = present
     if not classes:
         raise ValueError(f'{folder} is empty: no class subfolders')
-    ds = create_dataset('', root=str(folder), split=split, class_map={c: i for i, c in enumerate(classes)})
+    try:
+        ds = create_dataset('', root=str(folder), split=split, class_map={c: i for i, c in enumerate(classes)})
+    except RuntimeError as e:  # timm: 'Found 0 images in subfolders of ...'
+        if 'Found 0 images' not in str(e):
+            raise
+        ds = ()
     if len(ds) == 0:
         raise ValueError(f'split {split!r} in {folder} is empty: no images in the {len(classes)} class folders')
     return ds, classes

@@ -1,0 +1,221 @@
+"""Training through Accelerate on CPU: learning, run files, exact resume after a SIGKILL, two gloo
+processes, the sweep, the data readers and clear errors for bad input."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from timm_vib.checkpoints import load_model
+from timm_vib.data import build_datasets, load_run_dataset, read_idx, write_idx
+from timm_vib.training import parse_args, run_sweep, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--model-kwargs', 'depth=1', 'img_size=16', 'patch_size=4', 'embed_dim=48',
+        '--batch-size', '32', '--warmup-epochs', '1', '--no-progress']
+SMALL_DATA = ['--max-train-samples', '256', '--max-val-samples', '65']
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT), HF_HUB_OFFLINE='1')
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 shared cores: more threads only contend
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(*argv, check=True):
+    p = subprocess.run([sys.executable, '-m', 'timm_vib.cli', *argv], env=ENV, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(p.stdout[-3000:] + p.stderr[-3000:])
+    return p
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('run') / 'b0p01'
+    args = parse_args(['--model', 'vit_tiny_vib_b0p01', *TINY, '--batch-size', '16', '--lr', '2e-3', '--epochs', '5',
+                       '--stochastic-eval', '2', '--checkpoint-every', '20', '--output', str(out)])
+    torch.set_num_threads(1)
+    return train(args)
+
+
+def test_tiny_model_learns_digits_and_writes_every_file(digits_run):
+    out = digits_run
+    for name in ('run_config.json', 'metrics.jsonl', 'model.safetensors', 'config.json', 'summary.json'):
+        assert (out / name).is_file(), name
+    assert len(list((out / 'checkpoints').glob('ckpt-*'))) == 2  # latest 2 kept
+    assert not list((out / 'checkpoints').glob('.tmp-*'))
+    rows = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [1, 2, 3, 4, 5]
+    for key in ('step', 'lr', 'train_loss', 'train_ce', 'val_loss', 'val_ce', 'val_top1', 'val_top5', 'nats_per_image',
+                'nats_per_patch', 'head_kl', 'active_heads', 'stochastic_top1_mean', 'stochastic_top1_std'):
+        assert key in rows[-1], key
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['val_top1'] > 30, s['val_top1']  # chance is 10% (about 40% after these 5 short epochs)
+    assert rows[-1]['val_count'] == 360
+    assert np.array(s['head_kl']).shape == (1, 3)
+    assert s['nats_per_patch'] == pytest.approx(s['nats_per_image'] / 16, rel=1e-5)
+    assert s['num_active_heads'] == len(s['active_heads'])
+    assert s['stochastic_eval']['k'] == 2 and s['train_samples_per_second'] > 0
+    assert (s['beta'], s['attn_mode'], s['depth'], s['num_heads'], s['vib_dim'], s['world_size']) == (0.01, 'vib', 1, 3, 32, 1)
+    cfg = json.loads((out / 'run_config.json').read_text())
+    assert cfg['kl_reduction'] == 'mean' and cfg['beta_warmup_epochs'] == 0 and cfg['num_classes'] == 10
+    assert cfg['mixed_precision'] == 'no' and cfg['world_size'] == 1
+    # the final weights reload, with the data config of digits
+    m = load_model(out).eval()
+    assert m.beta == 0.01 and tuple(m.pretrained_cfg['mean']) == (0.5, 0.5, 0.5)
+    val = load_run_dataset(out, 'val', normalize=False)
+    x, y = val[0]
+    assert x.shape == (3, 16, 16) and 0 <= x.min() and x.max() <= 1 and len(val) == 360
+
+
+def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
+    common = ['train', '--model', 'vit_tiny_vib_b1', *TINY, *SMALL_DATA, '--epochs', '3', '--checkpoint-every', '5',
+              '--stochastic-eval', '1']
+    run_cli(*common, '--output', str(tmp_path / 'a'))
+    killed = run_cli(*common, '--output', str(tmp_path / 'b'), '--kill-at-step', '13', check=False)
+    assert killed.returncode == -9  # a real SIGKILL, 3 steps after the checkpoint of step 10 (mid-epoch 2)
+    assert not (tmp_path / 'b' / 'summary.json').exists()
+    # without --resume an unfinished run is refused
+    p = run_cli(*common, '--output', str(tmp_path / 'b'), check=False)
+    assert p.returncode == 2 and '--resume' in p.stderr
+    run_cli(*common, '--output', str(tmp_path / 'b'), '--resume')
+    a, b = load_file(tmp_path / 'a' / 'model.safetensors'), load_file(tmp_path / 'b' / 'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / 'a' / 'metrics.jsonl').read_text() == (tmp_path / 'b' / 'metrics.jsonl').read_text()
+
+
+def test_two_gloo_processes_with_torchrun(tmp_path):
+    out = tmp_path / 'ddp'
+    p = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29613',
+         'examples/train.py', '--model', 'vit_tiny_vib_b1', *TINY, *SMALL_DATA, '--epochs', '2',
+         '--checkpoint-every', '3', '--output', str(out)],
+        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['world_size'] == 2 and s['steps'] == 8  # 256 images / (2 x 32) per step, 2 epochs
+    rows = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert all(r['val_count'] == 65 for r in rows)  # 65 images on 2 processes: none counted twice
+    ckpt = sorted((out / 'checkpoints').glob('ckpt-*'))[-1]
+    assert {f.name for f in ckpt.glob('random_states_*.pkl')} == {'random_states_0.pkl', 'random_states_1.pkl'}
+
+
+def test_sweep_trains_the_spectrum_and_skips_finished_runs(tmp_path):
+    from timm_vib.cli import build_parser
+    argv = ['sweep', '--betas', '0,2', *TINY, '--max-train-samples', '64', '--max-val-samples', '32',
+            '--epochs', '1', '--output', str(tmp_path)]
+    args = build_parser().parse_args(argv)
+    runs = run_sweep(args)
+    assert [r.name for r in runs] == ['vit_tiny_noattn', 'vit_tiny_vib_b0', 'vit_tiny_vib_beta2', 'vit_tiny_gap']
+    table = json.loads((tmp_path / 'sweep.json').read_text())
+    assert [t['nats_per_image'] is None for t in table] == [False, False, False, True]
+    assert table[0]['nats_per_image'] == 0 and table[0]['num_active_heads'] == 0
+    assert (tmp_path / 'sweep.md').read_text().count('\n') == 6
+    # beta 2 is not a registered name: recorded as vit_tiny_vib(beta=2) so the folder reloads with it
+    assert load_model(runs[2]).beta == 2.0
+    stamp = (runs[1] / 'summary.json').stat().st_mtime_ns
+    run_sweep(build_parser().parse_args(argv))
+    assert (runs[1] / 'summary.json').stat().st_mtime_ns == stamp
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def test_idx_reader_and_fashion_mnist_from_a_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 12), ('t10k', 5)):
+        write_idx(tmp_path / f'{split}-images-idx3-ubyte', rng.integers(0, 256, (n, 28, 28)))
+        labels = tmp_path / f'{split}-labels-idx1-ubyte'
+        write_idx(labels, np.arange(n) % 10)
+    # gzip works too
+    raw = (tmp_path / 't10k-labels-idx1-ubyte').read_bytes()
+    (tmp_path / 't10k-labels-idx1-ubyte').unlink()
+    (tmp_path / 't10k-labels-idx1-ubyte.gz').write_bytes(gzip.compress(raw))
+    assert read_idx(tmp_path / 't10k-labels-idx1-ubyte.gz').tolist() == [0, 1, 2, 3, 4]
+    sets, spec = build_datasets(f'fashion-mnist:{tmp_path}', 16)
+    assert (len(sets['train']), len(sets['val']), spec.num_classes) == (12, 5, 10)
+    x, y = sets['val'][3]
+    assert x.shape == (3, 16, 16) and y == 3
+    (tmp_path / 'bad').write_bytes(b'\x00\x00\x08\x01\x00\x00\x00\x09abc')
+    with pytest.raises(ValueError, match='truncated'):
+        read_idx(tmp_path / 'bad')
+    with pytest.raises(FileNotFoundError, match='dataset-fashion-mnist'):
+        build_datasets(f'fashion-mnist:{tmp_path / "nowhere"}', 16)
+
+
+def test_fashion_mnist_from_debian_package_when_installed():
+    from timm_vib.data import find_fashion_mnist
+    try:
+        find_fashion_mnist()
+    except FileNotFoundError:
+        pytest.skip('dataset-fashion-mnist is not installed')
+    sets, spec = build_datasets('fashion-mnist', 28, max_train_samples=10, max_val_samples=10)
+    assert spec.num_classes == 10 and sets['train'][0][0].shape == (3, 28, 28)
+
+
+def make_folder(root, classes, n=2):
+    for split in ('train', 'val'):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new('RGB', (20, 20), (i * 50, 0, 0)).save(root / split / c / f'{i}.png')
+
+
+def test_image_folder_with_class_list(tmp_path, monkeypatch):
+    make_folder(tmp_path / 'in', ['n01', 'n02', 'n03'])
+    (tmp_path / 'two.txt').write_text('n03\nn01\n')
+    sets, spec = build_datasets(str(tmp_path / 'in'), 16, class_list=str(tmp_path / 'two.txt'))
+    assert spec.classes == ['n03', 'n01'] and len(sets['train']) == 4 and len(sets['val']) == 4
+    assert sorted({y for _, y in sets['val']}) == [0, 1]
+    # imagenet100: read from the cache when present (no network in tests)
+    shared = Path('/work/shared/data/imagenet100.txt')
+    if shared.is_file():
+        monkeypatch.setenv('TIMM_VIB_CACHE', str(tmp_path / 'cache'))
+        (tmp_path / 'cache').mkdir()
+        (tmp_path / 'cache' / 'imagenet100.txt').write_text(shared.read_text())
+        with pytest.raises(ValueError, match='lacks 100 class'):
+            build_datasets(str(tmp_path / 'in'), 16, class_list='imagenet100')
+
+
+# --- bad input: clear errors before anything is trained ------------------------------------------
+
+@pytest.mark.parametrize('extra, error, match', [
+    (['--data', '/nonexistent/imagenet'], FileNotFoundError, 'does not exist'),
+    (['--batch-size', '0'], ValueError, 'batch-size must be >= 1'),
+    (['--model', 'vit_tiny_vib_b7'], ValueError, 'unknown model'),
+    (['--model', 'vit_tiny_gap', '--beta', '1'], ValueError, 'no information bottleneck'),
+    (['--model-kwargs', 'img_size=18', 'patch_size=4'], ValueError, 'multiple of patch_size'),
+])
+def test_bad_input_fails_before_training(tmp_path, extra, error, match):
+    out = tmp_path / 'run'
+    args = parse_args([*TINY, '--epochs', '1', '--output', str(out), *extra])
+    with pytest.raises(error, match=match):
+        train(args)
+    assert not (out / 'metrics.jsonl').exists()
+
+
+def test_missing_classes_and_empty_split_are_named(tmp_path):
+    make_folder(tmp_path / 'in', ['n01', 'n02'])
+    (tmp_path / 'list.txt').write_text('n01\nn09\nn08\n')
+    args = parse_args([*TINY, '--data', str(tmp_path / 'in'), '--class-list', str(tmp_path / 'list.txt'),
+                       '--output', str(tmp_path / 'run')])
+    with pytest.raises(ValueError, match='lacks 2 class.*n09, n08'):
+        train(args)
+    (tmp_path / 'empty' / 'train' / 'n01').mkdir(parents=True)
+    (tmp_path / 'empty' / 'val' / 'n01').mkdir(parents=True)
+    with pytest.raises(ValueError, match='empty'):
+        build_datasets(str(tmp_path / 'empty'), 16)
+    p = run_cli('train', *TINY, '--batch-size', '0', '--output', str(tmp_path / 'r'), check=False)
+    assert p.returncode == 2 and 'batch-size must be >= 1' in p.stderr and 'Traceback' not in p.stderr
