@@ -430,8 +430,7 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
     heads = [heads[i] for i in ok]
     K = len(ok)
     fig, ax = plt.subplots(figsize=(0.55 * K + 2.6, 0.5 * K + 1.8))
-    cmap = plt.get_cmap('viridis').copy()
-    cmap.set_bad('0.85')
+    cmap = plt.get_cmap('viridis')
     im = ax.imshow(val.numpy(), cmap=cmap, vmin=0, vmax=1)
     for a in range(K):
         for b in range(K):
