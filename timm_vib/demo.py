@@ -46,6 +46,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--cpu', action='store_true', help='train on the CPU even if a GPU is present')
     p.add_argument('--mixed-precision', choices=('auto', 'no', 'fp16', 'bf16'), default='auto')
     p.add_argument('--num-workers', type=int, default=0)
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is much faster when other jobs share the cores")
     p.add_argument('--no-progress', action='store_true')
     return p
 
@@ -136,6 +138,9 @@ def run_demo(args: argparse.Namespace) -> Path:
     from . import training
     from .report import analyze
     console = Console()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     s = _settings(args)
     betas = [float(b) for b in str(s['betas'] if args.betas is None else args.betas).split(',') if b.strip()]
     if not betas:
