@@ -14,8 +14,8 @@ __all__ = ['PRESETS', 'add_demo_args', 'demo_plan', 'run_demo', 'register_cli', 
 
 # Sized for ~10 minutes on 2 CPU cores, report included (measured; see README).
 PRESETS: Dict[str, Dict[str, Any]] = {
-    'default': dict(img_size=16, patch_size=4, depth=4, embed_dim=48, num_heads=3, vib_dim=8, epochs=25,
-                    betas='0.01,0.1,0.3,1', batch_size=64, lr=3e-3, warmup_epochs=2, beta_warmup_epochs=8,
+    'default': dict(img_size=16, patch_size=4, depth=4, embed_dim=48, num_heads=3, vib_dim=8, epochs=50,
+                    betas='0.01,0.1,1,4', batch_size=64, lr=3e-3, warmup_epochs=2, beta_warmup_epochs=15,
                     stochastic_eval=3, max_train_samples=None, max_val_samples=None, max_images=512,
                     nmi_samples=20000),
     # the test's preset: seconds per model, every figure still drawn
@@ -34,7 +34,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--smallest', dest='preset', action='store_const', const='smallest', help='= --preset smallest')
     p.add_argument('--output', default='runs/demo', help='runs go to OUTPUT/runs, the report to OUTPUT/report')
     p.add_argument('--data', default='digits', help='digits (built in) or fashion-mnist[:FOLDER] (Debian package)')
-    p.add_argument('--betas', default=None, help='comma-separated betas (preset: 0.01,0.1,1,4)')
+    p.add_argument('--betas', default=None, help='comma-separated betas (default preset: 0.01,0.1,1,4)')
     p.add_argument('--no-ends', action='store_true', help='without the no-attention and unrestricted ViT runs')
     for name, typ in (('img-size', int), ('patch-size', int), ('depth', int), ('embed-dim', int), ('num-heads', int),
                       ('vib-dim', int), ('epochs', int), ('batch-size', int), ('lr', float), ('warmup-epochs', float),
