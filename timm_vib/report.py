@@ -349,7 +349,7 @@ def fig_repetition(runs: List[Run], ds, path: Path, n_patches: int = 256, max_he
     patches = torch.randint(0, G, (n,), generator=g)
     x = _images(ds, img_idx)
     copies = _copies(G)
-    fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads), 3.3), squeeze=False, layout='constrained')
     parts = []
     for j, (r, (layer, head)) in enumerate(heads):
         m = r.model()
