@@ -46,8 +46,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--cpu', action='store_true', help='train on the CPU even if a GPU is present')
     p.add_argument('--mixed-precision', choices=('auto', 'no', 'fp16', 'bf16'), default='auto')
     p.add_argument('--num-workers', type=int, default=0)
-    p.add_argument('--threads', type=int, default=None,
-                   help="torch CPU threads (default: torch's); 1 is much faster when other jobs share the cores")
+    p.add_argument('--threads', type=int, default=1,
+                   help="torch CPU threads (0: torch's default). The demo's models are too small to gain from "
+                        "more, and extra threads slow them down many times over when other jobs share the cores")
     p.add_argument('--no-progress', action='store_true')
     return p
 

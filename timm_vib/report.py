@@ -419,7 +419,8 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
     names = [f'{r.label} {head_label(*lh)}' for r, lh in heads]
     K = len(heads)
     # I(U;U') near 0 makes the ratio meaningless: leave those heads out (named in the caption)
-    ok = (torch.diagonal(res.mutual_information) > 1e-3).nonzero().flatten().tolist()
+    self_mi, self_se = torch.diagonal(res.mutual_information), torch.diagonal(res.mutual_information_stderr)
+    ok = ((self_mi > 1e-3) & (self_se < 0.25 * self_mi)).nonzero().flatten().tolist()
     dropped = [names[i] for i in range(K) if i not in ok]
     if len(ok) < 2:
         ok = list(range(K))
@@ -450,8 +451,9 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
     txt = '; '.join(f'{names[a]} ~ {names[b]}: {v:.2f}±{float(se[a, b]):.2f}' for v, a, b in best)
     info = ', '.join(f'{n}: {float(res.information[i]):.3g}' for n, i in zip(names, ok))
     if dropped:
-        info += f" (left out, I(U;U') < 0.001 nats: {', '.join(dropped)})"
-    return (f'Normalised mutual information between the {K} active heads of the most restricted models over {len(pts)} '
+        info += f" (left out, I(U;U') below 0.001 nats or not resolved by the samples: {', '.join(dropped)})"
+    return (f'Normalised mutual information between {K} active heads (the most informative of the most restricted '
+            f'models whose information the {n_samples} samples resolve) over {len(pts)} '
             f'patches; I(X;U) in nats: {info}. ' + (f'Most similar heads across models: {txt}.' if best else
                                                  'All heads are from one model.'))
 
