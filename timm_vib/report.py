@@ -201,7 +201,7 @@ def fig_kl_maps(runs: List[Run], ds, spec, idx: List[int], why: str, path: Path)
     fig, axes = plt.subplots(n, c, figsize=(1.55 * c + 0.6, 1.55 * n + 0.9), squeeze=False, layout='constrained')
     for i in range(n):
         axes[i, 0].imshow(_show(x[i], spec), interpolation='nearest')
-        axes[i, 0].set_ylabel(f'image {idx[i]}', fontsize=7)
+        axes[i, 0].set_ylabel(f'image {idx[i]}\nclass {spec.classes[int(ds[idx[i]][1])]}', fontsize=7)
         for j, mp in enumerate(maps):
             vmax = max(float(mp.max()), 1e-6)  # one colour range per model (column), as the paper
             im = axes[i, j + 1].imshow(mp[i], cmap='magma', vmin=0, vmax=vmax, interpolation='nearest')
