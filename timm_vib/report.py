@@ -416,7 +416,7 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
         i = mine.index(lh)
         pairs.append((mu[i, pts].double(), lv[i, pts].double()))
     res = nmi_matrix(pairs, n_samples=n_samples, seed=seed)
-    names = [f'{r.label} {head_label(*lh)}' for r, lh in heads]
+    names = [f'{r.label}, head {head_label(*lh)}' for r, lh in heads]
     K = len(heads)
     # I(U;U') near 0 makes the ratio meaningless: leave those heads out (named in the caption)
     self_mi, self_se = torch.diagonal(res.mutual_information), torch.diagonal(res.mutual_information_stderr)
