@@ -163,7 +163,7 @@ def fig_voting(runs: List[Run], loader, path: Path, colors) -> str:
     ax.legend(fontsize=8, title='median, IQR', title_fontsize=8)
     save_figure(fig, path)
     return ('Patch voting per image; median inverse Simpson index / logit range: ' + '; '.join(parts)
-            + '. More communication: patches agree (index near 1) and logits spread.')
+            + '. An index near 1 means the patches agree on one class; near the number of classes, they vote independently.')
 
 
 def _js_to_ends(runs: List[Run], loader) -> Dict[str, Dict[str, torch.Tensor]]:
