@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/timm-vib tour $(ARGS)
+	$(VENV)/bin/timm-vib demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument('--seed', type=int, default=0)
     tour.set_defaults(func=_tour)
 
-    from .training import register_cli as _register_training
-    _register_training(sub)  # train, sweep
     from . import hub
     hub.add_commands(sub)
+    from .training import register_cli as _register_training
+    _register_training(sub)  # train, sweep
+    from .demo import register_cli as _register_demo
+    _register_demo(sub)  # demo, analyze
     return parser
 
 

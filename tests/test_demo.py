@@ -1,0 +1,95 @@
+"""The demo end to end at its smallest size: every figure is a valid PNG referenced by the report, and
+the numbers in the captions and tables are the runs' own."""
+import json
+from html import escape as html_escape
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from timm_vib.cli import main
+from timm_vib.report import FIGURES, fmt_nats, fmt_top1, load_runs
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp('demo')
+    assert main(['demo', '--smallest', '--output', str(out), '--no-progress']) == 0
+    return out
+
+
+def _last_metrics(run: Path) -> dict:
+    return json.loads((run / 'metrics.jsonl').read_text().strip().splitlines()[-1])
+
+
+def test_figures_are_png_and_referenced(demo):
+    report = demo / 'report'
+    html = (report / 'index.html').read_text()
+    md = (report / 'index.md').read_text()
+    assert len(FIGURES) == 9
+    for name in FIGURES:
+        path = report / f'{name}.png'
+        assert path.is_file() and path.stat().st_size > 1000, name
+        assert path.read_bytes()[:8] == PNG_MAGIC, name
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.size[0] > 100 and im.size[1] > 50, (name, im.size)
+        assert f'<img src="{name}.png"' in html, name
+        assert f'({name}.png)' in md, name
+    captions = json.loads((report / 'captions.json').read_text())['figures']
+    assert [c['file'] for c in captions] == [f'{n}.png' for n in FIGURES]
+    for c in captions:  # every caption is in both index files, under its figure
+        assert c['caption'] and c['caption'] in md
+        assert html_escape(c['caption']) in html
+
+
+def test_captions_and_table_match_the_runs(demo):
+    runs = load_runs([demo / 'runs'])
+    assert [r.mode for r in runs] == ['none', 'vib', 'vib', 'plain']  # noattn, beta 1, beta 0.1, gap
+    assert [r.beta for r in runs if r.mode == 'vib'] == [1.0, 0.1]
+    captions = {c['file']: c['caption'] for c in json.loads((demo / 'report' / 'captions.json').read_text())['figures']}
+    acc = captions['fig1_accuracy_vs_information.png']
+    survival = captions['fig4_survival_active_heads.png']
+    md = (demo / 'report' / 'index.md').read_text()
+    for r in runs:
+        last = _last_metrics(r.dir)
+        assert r.summary['val_top1'] == last['val_top1']
+        assert f"{r.label}: {fmt_top1(last['val_top1'])}" in acc
+        assert fmt_top1(last['val_top1']) in md
+        if r.mode == 'vib':
+            assert f"{fmt_nats(last['nats_per_image'])} nats/image" in acc
+            heads = last['active_heads']
+            assert r.summary['active_heads'] == heads
+            text = f'{r.label}: {len(heads)} active heads' + (f": {', '.join(heads)}" if heads else '')
+            assert text in survival
+            # the table's active heads: the same list
+            assert re.search(rf"\| {re.escape(f'{r.beta:g}')} \|.*\| {len(heads)}", md)
+
+
+def test_demo_reuses_finished_runs(demo, capsys):
+    from timm_vib import training
+    from timm_vib.demo import PRESETS, _reusable, _train_argv, add_demo_args
+    import argparse
+    args = add_demo_args(argparse.ArgumentParser()).parse_args(['--smallest', '--output', str(demo)])
+    s = PRESETS['smallest']
+    out = demo / 'runs' / 'vit_tiny_vib_b1'
+    targs = training.parse_args(_train_argv(s, args, 'vit_tiny_vib_b1', out))
+    targs.beta = None
+    assert _reusable(out, targs)
+    targs.epochs = 7  # other settings: refuse to reuse silently
+    with pytest.raises(ValueError, match='other settings'):
+        _reusable(out, targs)
+
+
+def test_analyze_command(demo, tmp_path):
+    """``timm-vib analyze`` on two runs (no ends): the same report files."""
+    runs = [str(demo / 'runs' / 'vit_tiny_vib_b1'), str(demo / 'runs' / 'vit_tiny_vib_b0p1')]
+    assert main(['analyze', *runs, '--out', str(tmp_path / 'rep'), '--max-images', '32', '--nmi-samples', '500',
+                 '--no-progress']) == 0
+    for name in FIGURES:
+        assert (tmp_path / 'rep' / f'{name}.png').read_bytes()[:8] == PNG_MAGIC
+    assert 'ViT (gap)' not in (tmp_path / 'rep' / 'index.md').read_text()

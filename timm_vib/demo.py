@@ -1,0 +1,212 @@
+"""``timm-vib demo``: train a small spectrum (no attention, several betas, unrestricted ViT) on built-in
+data, then dissect it with :func:`timm_vib.report.analyze` — the small case of the real workflow.
+
+Runs go to ``OUTPUT/runs/<model>`` (the ``timm-vib sweep`` layout, so either command can continue the
+other's runs), the report to ``OUTPUT/report``. Finished runs with the same settings are reused.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ['PRESETS', 'add_demo_args', 'demo_plan', 'run_demo', 'register_cli', 'summary_table']
+
+# Sized for ~10 minutes on 2 CPU cores, report included (measured; see README).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    'default': dict(img_size=16, patch_size=4, depth=4, embed_dim=48, num_heads=3, vib_dim=8, epochs=50,
+                    betas='0.01,0.1,1,4', batch_size=64, lr=3e-3, warmup_epochs=2, beta_warmup_epochs=15,
+                    stochastic_eval=3, max_train_samples=None, max_val_samples=None, max_images=512,
+                    nmi_samples=20000),
+    # the test's preset: seconds per model, every figure still drawn
+    'smallest': dict(img_size=8, patch_size=2, depth=2, embed_dim=24, num_heads=3, vib_dim=4, epochs=1,
+                     betas='0.1,1', batch_size=64, lr=2e-3, warmup_epochs=0, beta_warmup_epochs=0, stochastic_eval=2,
+                     max_train_samples=256, max_val_samples=64, max_images=64, nmi_samples=2000),
+}
+# run arguments that must match for a finished run to be reused
+_SAME = ('model_kwargs', 'epochs', 'lr', 'batch_size', 'data', 'beta', 'max_train_samples', 'max_val_samples',
+         'warmup_epochs', 'beta_warmup_epochs', 'seed', 'kl_reduction', 'stochastic_eval')
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument('--preset', choices=sorted(PRESETS), default='default',
+                   help='default: ~10 min on 2 CPU cores; smallest: seconds (tests)')
+    p.add_argument('--smallest', dest='preset', action='store_const', const='smallest', help='= --preset smallest')
+    p.add_argument('--output', default='runs/demo', help='runs go to OUTPUT/runs, the report to OUTPUT/report')
+    p.add_argument('--data', default='digits', help='digits (built in) or fashion-mnist[:FOLDER] (Debian package)')
+    p.add_argument('--betas', default=None, help='comma-separated betas (default preset: 0.01,0.1,1,4)')
+    p.add_argument('--no-ends', action='store_true', help='without the no-attention and unrestricted ViT runs')
+    for name, typ in (('img-size', int), ('patch-size', int), ('depth', int), ('embed-dim', int), ('num-heads', int),
+                      ('vib-dim', int), ('epochs', int), ('batch-size', int), ('lr', float), ('warmup-epochs', float),
+                      ('beta-warmup-epochs', float),
+                      ('stochastic-eval', int), ('max-train-samples', int), ('max-val-samples', int),
+                      ('max-images', int), ('nmi-samples', int)):
+        p.add_argument(f'--{name}', type=typ, default=None, help='overrides the preset')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--cpu', action='store_true', help='train on the CPU even if a GPU is present')
+    p.add_argument('--mixed-precision', choices=('auto', 'no', 'fp16', 'bf16'), default='auto')
+    p.add_argument('--num-workers', type=int, default=0)
+    p.add_argument('--threads', type=int, default=1,
+                   help="torch CPU threads (0: torch's default). The demo's models are too small to gain from "
+                        "more, and extra threads slow them down many times over when other jobs share the cores")
+    p.add_argument('--no-progress', action='store_true')
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    s = dict(PRESETS[args.preset])
+    for k in s:
+        v = getattr(args, k, None)
+        if v is not None:
+            s[k] = v
+    return s
+
+
+def demo_plan(betas: Sequence[float], ends: bool = True) -> List[Tuple[str, str, Optional[float]]]:
+    """(folder, registered model, beta override) along the spectrum, the ``timm-vib sweep`` layout."""
+    from .training import sweep_model_name
+    plan = [('vit_tiny_noattn', 'vit_tiny_noattn', None)] if ends else []
+    for b in sorted(betas, reverse=True):
+        name, override = sweep_model_name(b)
+        plan.append((name if override is None else f'vit_tiny_vib_beta{b:g}', name, override))
+    if ends:
+        plan.append(('vit_tiny_gap', 'vit_tiny_gap', None))
+    return plan
+
+
+def _train_argv(s: Dict[str, Any], args: argparse.Namespace, model: str, out: Path) -> List[str]:
+    kw = [f'{k}={s[k]}' for k in ('img_size', 'patch_size', 'depth', 'embed_dim', 'num_heads')]
+    if 'vib' in model:
+        kw.append(f"vib_dim={s['vib_dim']}")
+    # ramping beta up from 0 (the reference code's warm-up) lets heads learn something worth its cost
+    # before the price applies; at full beta from the first step, sampled noise swamps small models
+    bw = ['--beta-warmup-epochs', str(s['beta_warmup_epochs'])] if 'vib' in model else []
+    argv = ['--model', model, '--model-kwargs', *kw, '--data', args.data, '--epochs', str(s['epochs']),
+            '--batch-size', str(s['batch_size']), '--lr', str(s['lr']), '--warmup-epochs', str(s['warmup_epochs']),
+            '--seed', str(args.seed), '--output', str(out), '--mixed-precision', args.mixed_precision,
+            '--num-workers', str(args.num_workers), '--stochastic-eval', str(s['stochastic_eval'] if 'vib' in model else 0),
+            '--log-interval', '5', *bw]
+    for k in ('max_train_samples', 'max_val_samples'):
+        if s[k] is not None:
+            argv += [f'--{k.replace("_", "-")}', str(s[k])]
+    if args.cpu:
+        argv.append('--cpu')
+    if args.no_progress:
+        argv.append('--no-progress')
+    return argv
+
+
+def _reusable(out: Path, targs: argparse.Namespace) -> bool:
+    """True if ``out`` holds a finished run with the same settings; ValueError if it holds another run."""
+    if not (out / 'summary.json').is_file():
+        return False
+    old = json.loads((out / 'run_config.json').read_text())['args']
+    new = {k: (dict(v) if k == 'model_kwargs' else v) for k, v in vars(targs).items()}
+    diff = [k for k in _SAME if json.dumps(old.get(k)) != json.dumps(new.get(k))]
+    if diff:
+        raise ValueError(f'{out} holds a finished run with other settings ({", ".join(diff)}): '
+                         'pass another --output or delete it')
+    return True
+
+
+def summary_table(run_dirs: Sequence[Path], title: str = 'timm-vib demo'):
+    """The rich table of finished runs: model, beta, top-1 (± stochastic std), nats/image, active heads, time."""
+    from rich.table import Table
+    from .report import fmt_nats, fmt_top1, load_runs
+    t = Table(title=title)
+    for c in ('model', 'beta', 'top-1', 'nats / image', 'active heads', 'train time'):
+        t.add_column(c, justify='left' if c in ('model', 'active heads') else 'right')
+    for r in load_runs(run_dirs):
+        s = r.summary
+        st = s.get('stochastic_eval') or {}
+        t.add_row(s['model'].replace('vit_tiny_', ''), '-' if r.mode != 'vib' else f"{s['beta']:g}",
+                  fmt_top1(s['val_top1']) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else ''),
+                  {'none': '0', 'plain': 'unbounded'}.get(r.mode) or fmt_nats(s['nats_per_image']),
+                  '-' if r.mode != 'vib' else _heads(s),
+                  f"{s['train_seconds']:.0f} s")
+    return t
+
+
+def _heads(s: Dict[str, Any]) -> str:
+    # 'n/total', with the list when it is short enough to read
+    n, total = len(s['active_heads']), s['depth'] * s['num_heads']
+    return f"{n}/{total}" + (f": {', '.join(s['active_heads'])}" if 0 < n <= 4 else '')
+
+
+def run_demo(args: argparse.Namespace) -> Path:
+    """Train (or reuse) the spectrum under ``args.output``/runs, write the report; returns index.html."""
+    from rich.console import Console
+    from . import training
+    from .report import analyze
+    console = Console()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    s = _settings(args)
+    betas = [float(b) for b in str(s['betas'] if args.betas is None else args.betas).split(',') if b.strip()]
+    if not betas:
+        raise ValueError('--betas names no beta')
+    root = Path(args.output)
+    plan = demo_plan(betas, not args.no_ends)
+    t0 = time.perf_counter()
+    console.rule(f'[bold]timm-vib demo: {len(plan)} models on {args.data}, then the report in {root / "report"}')
+    console.print(f"settings ({args.preset}): {s}")
+    targs_all = []
+    for folder, name, override in plan:  # check every run's arguments before training any
+        out = root / 'runs' / folder
+        targs = training.parse_args(_train_argv(s, args, name, out))
+        targs.beta, targs.resume = override, 'latest'
+        training.check_args(targs)
+        targs_all.append((folder, targs))
+    runs = []
+    for i, (folder, targs) in enumerate(targs_all, 1):
+        out = Path(targs.output)
+        if _reusable(out, targs):
+            console.rule(f'[{i}/{len(plan) + 1}] {folder}: finished run reused')
+        else:
+            console.rule(f'[{i}/{len(plan) + 1}] training {folder}')
+            training.train(targs)
+        runs.append(out)
+    console.rule(f'[{len(plan) + 1}/{len(plan) + 1}] report')
+    index = analyze(runs, root / 'report', max_images=s['max_images'], nmi_samples=s['nmi_samples'],
+                    progress=not args.no_progress)
+    console.print(summary_table(runs, title=f'timm-vib demo on {args.data} ({time.perf_counter() - t0:.0f} s in all)'))
+    console.print(f'report: {index} (and index.md beside it)')
+    return index
+
+
+def _cli(fn):
+    def run(args: argparse.Namespace) -> int:
+        import sys
+        try:
+            fn(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f'timm-vib {args.command}: error: {e}', file=sys.stderr)
+            return 2
+        return 0
+    return run
+
+
+def _analyze_cli(args: argparse.Namespace) -> Path:
+    from rich.console import Console
+    from .report import analyze, load_runs
+    index = analyze(args.run_dirs, args.out, max_images=args.max_images, batch_size=args.batch_size,
+                    nmi_samples=args.nmi_samples, device=args.device, progress=not args.no_progress)
+    Console().print(summary_table([r.dir for r in load_runs(args.run_dirs)], title='runs analysed'))
+    print(f'report: {index}')
+    return index
+
+
+def register_cli(sub) -> None:
+    """Add ``demo`` and ``analyze`` to the ``timm-vib`` sub-command parser ``sub``."""
+    d = add_demo_args(sub.add_parser('demo', help='train a small spectrum on built-in data and write its report'))
+    d.set_defaults(func=_cli(run_demo))
+    a = sub.add_parser('analyze', help='write the report (figures, index.html, index.md) of any set of runs')
+    a.add_argument('run_dirs', nargs='+', help='run folders (with summary.json) or sweep folders holding them')
+    a.add_argument('--out', required=True, help='report folder')
+    a.add_argument('--max-images', type=int, default=512, help='validation images streamed per analysis')
+    a.add_argument('--batch-size', type=int, default=64)
+    a.add_argument('--nmi-samples', type=int, default=20000, help='Monte Carlo samples for the NMI matrix')
+    a.add_argument('--device', default='cpu', help='torch device for the analyses (cpu, cuda, ...)')
+    a.add_argument('--no-progress', action='store_true')
+    a.set_defaults(func=_cli(_analyze_cli))
