@@ -374,3 +374,13 @@ def test_gap_has_no_kl_and_checkpoints_of_other_architectures_are_refused():
     wide = small('vit_tiny_vib', vib_dim=16)
     with pytest.raises(RuntimeError, match='size mismatch'):
         vib.load_state_dict(wide.state_dict())
+
+
+def test_name_for_beta_inverts_beta_from_name():
+    for name in timm_vib.MODEL_NAMES:
+        beta = timm_vib.beta_from_name(name)
+        if beta is not None:
+            assert timm_vib.name_for_beta(beta) == name
+    assert timm_vib.beta_from_name(timm_vib.name_for_beta(2.5)) == 2.5
+    with pytest.raises(ValueError, match='beta'):
+        timm_vib.name_for_beta(-1)

@@ -14,6 +14,7 @@ from .vision_transformer_vib import (
     VIBBlock,
     VisionTransformerVIB,
     beta_from_name,
+    name_for_beta,
     vibify,
 )
 

@@ -4,7 +4,20 @@ Each sub-command lives with the code it drives; this module only wires them up.
 """
 import argparse
 import sys
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Tuple
+
+
+def command(fn: Callable[[argparse.Namespace], Any], errors: Tuple[type, ...] = ()) -> Callable[[argparse.Namespace], int]:
+    """Wrap a sub-command: bad input (ValueError, FileNotFoundError, and ``errors``) becomes one line
+    on stderr and exit code 2, not a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            fn(args)
+        except (ValueError, FileNotFoundError, *errors) as e:
+            print(f'timm-vib {args.command}: error: {e}', file=sys.stderr)
+            return 2
+        return 0
+    return run
 
 
 def _tour(args: argparse.Namespace) -> int:

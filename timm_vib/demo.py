@@ -175,18 +175,6 @@ def run_demo(args: argparse.Namespace) -> Path:
     return index
 
 
-def _cli(fn):
-    def run(args: argparse.Namespace) -> int:
-        import sys
-        try:
-            fn(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f'timm-vib {args.command}: error: {e}', file=sys.stderr)
-            return 2
-        return 0
-    return run
-
-
 def _analyze_cli(args: argparse.Namespace) -> Path:
     from rich.console import Console
     from .report import analyze, load_runs
@@ -199,8 +187,9 @@ def _analyze_cli(args: argparse.Namespace) -> Path:
 
 def register_cli(sub) -> None:
     """Add ``demo`` and ``analyze`` to the ``timm-vib`` sub-command parser ``sub``."""
+    from .cli import command
     d = add_demo_args(sub.add_parser('demo', help='train a small spectrum on built-in data and write its report'))
-    d.set_defaults(func=_cli(run_demo))
+    d.set_defaults(func=command(run_demo))
     a = sub.add_parser('analyze', help='write the report (figures, index.html, index.md) of any set of runs')
     a.add_argument('run_dirs', nargs='+', help='run folders (with summary.json) or sweep folders holding them')
     a.add_argument('--out', required=True, help='report folder')
@@ -209,4 +198,4 @@ def register_cli(sub) -> None:
     a.add_argument('--nmi-samples', type=int, default=20000, help='Monte Carlo samples for the NMI matrix')
     a.add_argument('--device', default='cpu', help='torch device for the analyses (cpu, cuda, ...)')
     a.add_argument('--no-progress', action='store_true')
-    a.set_defaults(func=_cli(_analyze_cli))
+    a.set_defaults(func=command(_analyze_cli))

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, copy_model, read_config
 from .figures import plot_accuracy_vs_information
+from .vision_transformer_vib import name_for_beta
 
 __all__ = ['export', 'push', 'push_sweep', 'build_card', 'repo_name', 'HubUnreachableError', 'find_runs', 'FIGURE_NAME']
 
@@ -168,7 +168,7 @@ def export(run_dir: PathLike, folder: PathLike, repo_id: Optional[str] = None) -
         for name in RUN_FILES:
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
-        siblings = [r for r in find_runs(run_dir.parent)]
+        siblings = find_runs(run_dir.parent)
         figure = None
         if len(siblings) > 1 and run_dir.resolve() in [r.resolve() for r in siblings]:
             plot_accuracy_vs_information(
@@ -241,7 +241,7 @@ def repo_name(summary: Dict[str, Any]) -> str:
     bottleneck runs, else the model name (``vit_tiny_noattn``, ``vit_tiny_gap``, ...)."""
     model = summary['model']
     if summary.get('attn_mode') == 'vib' and model.startswith('vit_tiny_vib'):
-        return 'vit_tiny_vib_b' + f"{float(summary['beta']):g}".replace('.', 'p')
+        return name_for_beta(summary['beta'])
     return model
 
 
@@ -265,11 +265,12 @@ def push_sweep(
 
 def add_commands(sub: Any) -> None:
     """``timm-vib export`` and ``timm-vib push`` sub-commands."""
+    from .cli import command
     p = sub.add_parser('export', help='write the Hugging Face Hub folder of a finished run')
     p.add_argument('run_dir', type=Path)
     p.add_argument('folder', type=Path)
     p.add_argument('--repo-id', default=None, help='repo the card refers to (default NAMESPACE/<model>)')
-    p.set_defaults(func=_cmd_export)
+    p.set_defaults(func=command(_cmd_export))
 
     p = sub.add_parser('push', help='upload a run (or every run of a sweep folder) to the Hugging Face Hub')
     p.add_argument('run_dir', type=Path, help='a run folder, or a sweep folder of runs')
@@ -279,28 +280,22 @@ def add_commands(sub: Any) -> None:
     p.add_argument('--folder', type=Path, default=None, help='where to write the Hub folder(s)')
     p.add_argument('--private', action='store_true')
     p.add_argument('--dry-run', action='store_true', help='only write the Hub folder(s), upload nothing')
-    p.set_defaults(func=_cmd_push)
+    p.set_defaults(func=command(_cmd_push, errors=(HubUnreachableError,)))
 
 
-def _cmd_export(args: Any) -> int:
+def _cmd_export(args: Any) -> None:
     print(export(args.run_dir, args.folder, repo_id=args.repo_id))
-    return 0
 
 
-def _cmd_push(args: Any) -> int:
-    try:
-        if (Path(args.run_dir) / 'summary.json').is_file():
-            if not args.repo_id:
-                raise ValueError('--repo-id ORG/NAME is required to push one run')
-            out = [push(args.run_dir, args.repo_id, folder=args.folder, dry_run=args.dry_run, private=args.private)]
-        else:
-            namespace = args.namespace or (args.repo_id.split('/')[0] if args.repo_id else None)
-            if not namespace:
-                raise ValueError('--namespace ORG is required to push a sweep folder')
-            out = push_sweep(args.run_dir, namespace, suffix=args.suffix, folder=args.folder,
-                             dry_run=args.dry_run, private=args.private)
-    except (HubUnreachableError, FileNotFoundError, ValueError) as e:
-        print(f'timm-vib push: error: {e}', file=sys.stderr)
-        return 2
+def _cmd_push(args: Any) -> None:
+    if (Path(args.run_dir) / 'summary.json').is_file():
+        if not args.repo_id:
+            raise ValueError('--repo-id ORG/NAME is required to push one run')
+        out = [push(args.run_dir, args.repo_id, folder=args.folder, dry_run=args.dry_run, private=args.private)]
+    else:
+        namespace = args.namespace or (args.repo_id.split('/')[0] if args.repo_id else None)
+        if not namespace:
+            raise ValueError('--namespace ORG is required to push a sweep folder')
+        out = push_sweep(args.run_dir, namespace, suffix=args.suffix, folder=args.folder,
+                         dry_run=args.dry_run, private=args.private)
     print('\n'.join(out))
-    return 0

@@ -592,7 +592,6 @@ def analyze(
     loader = _loader(ds, batch_size)
     colors = beta_colors([r.beta for r in runs if r.mode == 'vib'] or [1.0])
     js: Dict[str, Any] = {}
-    picked: Dict[str, Any] = {}
 
     def kl_maps(p):
         idx, why = _pick_images(runs, js, ds, kl_map_images)

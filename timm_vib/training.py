@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from .files import atomic_write_json, atomic_write_text
 from .information import KL_REDUCTIONS, information_loss
+from .vision_transformer_vib import name_for_beta
 
 __all__ = ['add_train_args', 'parse_args', 'train', 'run_sweep', 'evaluate', 'Checkpoints', 'build_model',
            'register_cli', 'ACTIVE_KL', 'sweep_model_name']
@@ -555,8 +555,7 @@ def train(args: argparse.Namespace) -> Path:
 def sweep_model_name(beta: float) -> Tuple[str, Optional[float]]:
     """beta -> (registered name, beta override): 0.01 -> ('vit_tiny_vib_b0p01', None); 2 -> ('vit_tiny_vib', 2.0)."""
     import timm
-    import timm_vib  # noqa: F401
-    name = 'vit_tiny_vib_b' + f'{beta:g}'.replace('.', 'p')
+    name = name_for_beta(beta)
     return (name, None) if timm.is_model(name) else ('vit_tiny_vib', beta)
 
 
@@ -610,22 +609,12 @@ def _is_main() -> bool:
 
 # --- console ------------------------------------------------------------------------------------
 
-def _run_cli(fn):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            fn(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f'timm-vib {args.command}: error: {e}', file=sys.stderr)
-            return 2
-        return 0
-    return run
-
-
 def register_cli(sub) -> None:
     """Add ``train`` and ``sweep`` to the ``timm-vib`` sub-command parser ``sub``."""
+    from .cli import command
     t = add_train_args(sub.add_parser('train', help='train one model with Accelerate'))
-    t.set_defaults(func=_run_cli(train))
+    t.set_defaults(func=command(train))
     s = add_train_args(sub.add_parser('sweep', help='train the beta spectrum (plus the noattn and gap ends)'))
     s.add_argument('--betas', default='0,0.01,0.1,1,4,10', help='comma-separated betas')
     s.add_argument('--no-ends', action='store_true', help='without vit_tiny_noattn and vit_tiny_gap')
-    s.set_defaults(func=_run_cli(run_sweep))
+    s.set_defaults(func=command(run_sweep))

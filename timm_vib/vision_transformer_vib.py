@@ -39,7 +39,7 @@ from .information import gaussian_kl
 
 __all__ = [
     'HeadBottleneck', 'VIBAttention', 'VIBBlock', 'MlpBlock', 'VisionTransformerVIB',
-    'vibify', 'beta_from_name', 'HUB_NAMESPACE', 'ATTN_MODES', 'MODEL_NAMES',
+    'vibify', 'beta_from_name', 'name_for_beta', 'HUB_NAMESPACE', 'ATTN_MODES', 'MODEL_NAMES',
 ]
 
 ATTN_MODES = ('vib', 'none', 'plain')
@@ -573,6 +573,12 @@ def beta_from_name(name: str) -> Optional[float]:
     """``'vit_tiny_vib_b0p01'`` -> 0.01; None for names without a fixed beta."""
     m = re.search(r'_b(\d+(?:p\d+)?)(?:\.|$)', name)
     return float(m.group(1).replace('p', '.')) if m else None
+
+
+def name_for_beta(beta: float) -> str:
+    """0.01 -> ``'vit_tiny_vib_b0p01'``: the ViT-Tiny name carrying this beta (inverse of beta_from_name);
+    registered only for the published betas."""
+    return 'vit_tiny_vib_b' + f'{_check_beta(beta):g}'.replace('.', 'p')
 
 
 def _filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformerVIB) -> Dict[str, torch.Tensor]:
