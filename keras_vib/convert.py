@@ -27,7 +27,7 @@ CONFIG_NAME = 'config.json'
 
 # timm model_args keys keras_vib reproduces, and those that only matter for training / input handling
 _SUPPORTED_ARGS = {'img_size', 'patch_size', 'in_chans', 'num_classes', 'embed_dim', 'depth', 'num_heads',
-                   'mlp_ratio', 'qkv_bias', 'vib_dim', 'beta', 'vib_logvar_init', 'attn_mode'}
+                   'mlp_ratio', 'qkv_bias', 'vib_dim', 'vib_hidden', 'beta', 'vib_logvar_init', 'attn_mode'}
 _IGNORED_ARGS = {'drop_rate', 'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate',
                  'patch_drop_rate', 'stochastic_eval', 'dynamic_img_size', 'dynamic_img_pad',
                  'pretrained_cfg_overlay', 'pretrained_strict', 'weight_init', 'fix_init'}
@@ -76,8 +76,7 @@ def _weight_table(model: VisionTransformerVIB) -> List[Tuple[str, Any, str]]:
             t += dense(f'{p}.attn.proj', blk.attn.proj)
             vib = blk.attn.vib
             if vib is not None:
-                t += [(f'{p}.attn.vib.{n}', getattr(vib, n), 'same')
-                      for n in ('enc_weight', 'enc_bias', 'dec_weight', 'dec_bias')]
+                t += [(f'{p}.attn.vib.{n}', getattr(vib, n), 'same') for n in vib.weight_names]
         t += norm(f'{p}.norm2', blk.norm2)
         t += dense(f'{p}.mlp.fc1', blk.mlp.fc1) + dense(f'{p}.mlp.fc2', blk.mlp.fc2)
     t += norm('norm', model.head.norm)
@@ -134,8 +133,12 @@ def timm_config_from_state_dict(sd: Mapping[str, Any]) -> Dict[str, Any]:
     if mode != 'none':
         cfg['qkv_bias'] = 'blocks.0.attn.qkv.bias' in sd
     if mode == 'vib':
-        h, r, _ = sd['blocks.0.attn.vib.dec_weight'].shape
-        cfg['num_heads'], cfg['vib_dim'] = int(h), int(r)
+        if 'blocks.0.attn.vib.enc_out_weight' in sd:  # MLP encoder / decoder: [H, hidden, 2r]
+            h, hidden, r2 = sd['blocks.0.attn.vib.enc_out_weight'].shape
+            cfg['num_heads'], cfg['vib_dim'], cfg['vib_hidden'] = int(h), int(r2) // 2, int(hidden)
+        else:
+            h, r, _ = sd['blocks.0.attn.vib.dec_weight'].shape
+            cfg['num_heads'], cfg['vib_dim'], cfg['vib_hidden'] = int(h), int(r), 0
     cfg['_num_patches'] = int(n)
     return cfg
 
@@ -155,6 +158,7 @@ def _config_from_folder_json(cfg: Mapping[str, Any], where: str) -> Dict[str, An
     for timm_key, key in (('img_size', 'image_size'), ('patch_size', 'patch_size'), ('in_chans', 'in_chans'),
                           ('embed_dim', 'embed_dim'), ('depth', 'depth'), ('num_heads', 'num_heads'),
                           ('mlp_ratio', 'mlp_ratio'), ('qkv_bias', 'qkv_bias'), ('vib_dim', 'vib_dim'),
+                          ('vib_hidden', 'vib_hidden'),
                           ('beta', 'beta'), ('vib_logvar_init', 'vib_logvar_init')):
         if timm_key in args:
             out[key] = args[timm_key]
@@ -252,7 +256,7 @@ def _from_module(m) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], str]:
 
 def _describe(cfg: Mapping[str, Any]) -> str:
     return (f"{cfg['attn_mode']} attention, depth {cfg['depth']}, embed_dim {cfg['embed_dim']}"
-            + (f", vib_dim {cfg['vib_dim']}" if cfg.get('attn_mode') == 'vib' else '')
+            + (f", vib_dim {cfg['vib_dim']}, vib_hidden {cfg['vib_hidden']}" if cfg.get('attn_mode') == 'vib' else '')
             + f", {cfg.get('num_classes')} classes")
 
 
@@ -261,7 +265,7 @@ def load_timm_weights(model: VisionTransformerVIB, state_dict: Mapping[str, Any]
     sd = {k: _to_numpy(v) for k, v in state_dict.items()}
     theirs = timm_config_from_state_dict(sd)
     mine = dict(attn_mode=model.attn_mode, depth=model.depth, embed_dim=model.embed_dim,
-                vib_dim=model.vib_dim, num_classes=model.num_classes)
+                vib_dim=model.vib_dim, vib_hidden=model.vib_hidden, num_classes=model.num_classes)
     if theirs['attn_mode'] != model.attn_mode:
         what = {'vib': 'has a bottleneck on every attention head (".attn.vib.*")',
                 'plain': 'has attention without bottleneck (a vit_tiny_gap-style model)',
@@ -269,7 +273,7 @@ def load_timm_weights(model: VisionTransformerVIB, state_dict: Mapping[str, Any]
         raise ValueError(f'{source} {what[theirs["attn_mode"]]}, but the Keras model '
                          f'{what[model.attn_mode]}: different architectures')
     diffs = [f'{k}: checkpoint {theirs.get(k)} vs model {v}' for k, v in mine.items()
-             if not (k == 'vib_dim' and model.attn_mode != 'vib') and theirs.get(k) != v]
+             if not (k in ('vib_dim', 'vib_hidden') and model.attn_mode != 'vib') and theirs.get(k) != v]
     if theirs['_num_patches'] != model.num_patches:
         diffs.append(f'tokens: checkpoint {theirs["_num_patches"]} vs model {model.num_patches} '
                      f'({model.image_size[0]}x{model.image_size[1]} px / patch {model.patch_size[0]})')
@@ -318,6 +322,7 @@ def from_timm(source, *, model: Optional[VisionTransformerVIB] = None, **kwargs:
         raise ValueError(f'{where}: {n} tokens is not a square grid; pass image_size=(height, width)')
     if cfg['attn_mode'] != 'vib':
         cfg.pop('vib_dim', None)
+        cfg.pop('vib_hidden', None)
         cfg.setdefault('beta', 0.0)
     if name is not None and 'name' not in kwargs:
         preset = PRESETS[name]

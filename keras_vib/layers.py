@@ -65,10 +65,13 @@ class GaussianBottleneck(keras.layers.Layer):
     """Variational bottleneck on every head of one layer, vectorised over heads.
 
     Input [..., heads, head_dim] (one attention output per head) -> output of the same shape.
-    Head h encodes with ``enc_weight[h]`` [head_dim, 2r] + ``enc_bias[h]`` into the mean (first r)
-    and log-variance (last r, clamped to ``logvar_clamp``) of a diagonal Gaussian, samples
-    z = mu + exp(logvar / 2) * eps in training (eps from the layer's own SeedGenerator) and takes
-    z = mu in inference, then decodes with ``dec_weight[h]`` [r, head_dim] + ``dec_bias[h]``.
+    Head h encodes into the mean (first r) and log-variance (last r, clamped to ``logvar_clamp``) of a
+    diagonal Gaussian, samples z = mu + exp(logvar / 2) * eps in training (eps from the layer's own
+    SeedGenerator) and takes z = mu in inference, then decodes z back to head_dim. Encoder and decoder
+    are linear (``vib_hidden=0``) or MLPs with one exact-GELU hidden layer of ``vib_hidden`` units (the
+    paper's published architecture, 64). Weights are stacked per head with timm_vib's names and
+    layout ([H, in, out]): ``enc_weight`` / ``enc_bias`` (first encoder layer), ``enc_out_*`` and
+    ``dec_in_*`` (MLP only), ``dec_weight`` / ``dec_bias`` (last decoder layer).
 
     Args:
         num_heads, head_dim: heads and their width.
@@ -78,6 +81,7 @@ class GaussianBottleneck(keras.layers.Layer):
         logvar_init: initial log-variance bias (-6: the posteriors start nearly deterministic).
         logvar_clamp: (min, max) of the log-variance.
         seed: seed of the noise.
+        vib_hidden: hidden width of the encoder / decoder MLPs; 0 = linear.
 
     ``call(x, return_latents=True)`` returns (decoded, mu, logvar) with mu, logvar [..., heads, r].
     """
@@ -91,14 +95,19 @@ class GaussianBottleneck(keras.layers.Layer):
             logvar_init: float = -6.0,
             logvar_clamp: Sequence[float] = (-10.0, 10.0),
             seed: Optional[int] = None,
+            vib_hidden: int = 0,
             **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if isinstance(vib_dim, bool) or not isinstance(vib_dim, int) or vib_dim < 1:
             raise ValueError(f'vib_dim (the latent size r per head) must be an integer >= 1, got {vib_dim!r}')
+        if isinstance(vib_hidden, bool) or not isinstance(vib_hidden, int) or vib_hidden < 0:
+            raise ValueError(f'vib_hidden (hidden width of the encoder / decoder MLPs, 0 = linear) must be an '
+                             f'integer >= 0, got {vib_hidden!r}')
         self.num_heads = int(num_heads)
         self.head_dim = int(head_dim)
         self.vib_dim = vib_dim
+        self.vib_hidden = vib_hidden
         self.kl_weight = float(kl_weight)
         self.logvar_init = float(logvar_init)
         self.logvar_clamp = tuple(float(v) for v in logvar_clamp)
@@ -106,33 +115,55 @@ class GaussianBottleneck(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape) -> None:
-        H, D, r = self.num_heads, self.head_dim, self.vib_dim
+        H, D, r, h = self.num_heads, self.head_dim, self.vib_dim, self.vib_hidden
         if tuple(input_shape[-2:]) != (H, D):
             raise ValueError(f'{self.name} expects [..., {H} heads, {D}], got {list(input_shape)}')
         lv = self.logvar_init
 
-        def enc_bias_init(shape, dtype=None):
+        def stats_bias_init(shape, dtype=None):
             # first r: means (0); last r: log-variances (logvar_init)
             return ops.concatenate([ops.zeros((H, r), dtype=dtype), ops.full((H, r), lv, dtype=dtype)], axis=-1)
 
-        # nn.Linear's scale-preserving uniform init, per head (as timm_vib.HeadBottleneck)
-        self.enc_weight = self.add_weight(
-            name='enc_weight', shape=(H, D, 2 * r),
-            initializer=keras.initializers.RandomUniform(-D ** -0.5, D ** -0.5))
-        self.enc_bias = self.add_weight(name='enc_bias', shape=(H, 2 * r), initializer=enc_bias_init)
-        self.dec_weight = self.add_weight(
-            name='dec_weight', shape=(H, r, D),
-            initializer=keras.initializers.RandomUniform(-r ** -0.5, r ** -0.5))
+        def weight(name, fan_in, fan_out):
+            # nn.Linear's scale-preserving uniform init, per head (as timm_vib.HeadBottleneck)
+            init = keras.initializers.RandomUniform(-fan_in ** -0.5, fan_in ** -0.5)
+            return self.add_weight(name=name, shape=(H, fan_in, fan_out), initializer=init)
+
+        if h:
+            self.enc_weight = weight('enc_weight', D, h)
+            self.enc_bias = self.add_weight(name='enc_bias', shape=(H, h), initializer='zeros')
+            self.enc_out_weight = weight('enc_out_weight', h, 2 * r)
+            self.enc_out_bias = self.add_weight(name='enc_out_bias', shape=(H, 2 * r), initializer=stats_bias_init)
+            self.dec_in_weight = weight('dec_in_weight', r, h)
+            self.dec_in_bias = self.add_weight(name='dec_in_bias', shape=(H, h), initializer='zeros')
+            self.dec_weight = weight('dec_weight', h, D)
+        else:
+            self.enc_weight = weight('enc_weight', D, 2 * r)
+            self.enc_bias = self.add_weight(name='enc_bias', shape=(H, 2 * r), initializer=stats_bias_init)
+            self.dec_weight = weight('dec_weight', r, D)
         self.dec_bias = self.add_weight(name='dec_bias', shape=(H, D), initializer='zeros')
+
+    @property
+    def weight_names(self) -> Tuple[str, ...]:
+        """The names of the weights, those of timm_vib.HeadBottleneck."""
+        if self.vib_hidden:
+            return ('enc_weight', 'enc_bias', 'enc_out_weight', 'enc_out_bias',
+                    'dec_in_weight', 'dec_in_bias', 'dec_weight', 'dec_bias')
+        return ('enc_weight', 'enc_bias', 'dec_weight', 'dec_bias')
 
     def encode(self, x):
         """[..., H, head_dim] -> mu, logvar [..., H, r] (logvar clamped)."""
         stats = ops.einsum('...hd,hde->...he', x, self.enc_weight) + self.enc_bias
+        if self.vib_hidden:
+            stats = ops.einsum('...hd,hde->...he', ops.gelu(stats, approximate=False), self.enc_out_weight)
+            stats = stats + self.enc_out_bias
         mu, logvar = ops.split(stats, 2, axis=-1)
         return mu, ops.clip(logvar, *self.logvar_clamp)
 
     def decode(self, z):
         """[..., H, r] -> [..., H, head_dim]."""
+        if self.vib_hidden:
+            z = ops.gelu(ops.einsum('...hr,hrd->...hd', z, self.dec_in_weight) + self.dec_in_bias, approximate=False)
         return ops.einsum('...hr,hrd->...hd', z, self.dec_weight) + self.dec_bias
 
     def call(self, inputs, training=None, return_latents: bool = False):
@@ -154,7 +185,8 @@ class GaussianBottleneck(keras.layers.Layer):
         config = super().get_config()
         config.update(
             num_heads=self.num_heads, head_dim=self.head_dim, vib_dim=self.vib_dim, kl_weight=self.kl_weight,
-            logvar_init=self.logvar_init, logvar_clamp=list(self.logvar_clamp), seed=self.seed)
+            logvar_init=self.logvar_init, logvar_clamp=list(self.logvar_clamp), seed=self.seed,
+            vib_hidden=self.vib_hidden)
         return config
 
 
@@ -178,6 +210,7 @@ class VIBMultiHeadAttention(keras.layers.Layer):
             kl_weight: float = 0.0,
             logvar_init: float = -6.0,
             seed: Optional[int] = None,
+            vib_hidden: int = 0,
             **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -191,6 +224,7 @@ class VIBMultiHeadAttention(keras.layers.Layer):
         self.kl_weight = float(kl_weight)
         self.logvar_init = float(logvar_init)
         self.seed = seed
+        self.vib_hidden = vib_hidden
         dd = dict(dtype=self.dtype_policy, kernel_initializer=_dense_init())
         self.qkv = keras.layers.Dense(3 * dim, use_bias=qkv_bias, name='qkv', **dd)
         self.proj = keras.layers.Dense(dim, name='proj', **dd)
@@ -198,7 +232,7 @@ class VIBMultiHeadAttention(keras.layers.Layer):
         if vib_dim is not None:
             self.vib = GaussianBottleneck(
                 self.num_heads, self.head_dim, vib_dim, kl_weight=kl_weight, logvar_init=logvar_init, seed=seed,
-                dtype=self.dtype_policy, name='vib')
+                vib_hidden=vib_hidden, dtype=self.dtype_policy, name='vib')
 
     def build(self, input_shape) -> None:
         self.qkv.build(input_shape)
@@ -226,7 +260,7 @@ class VIBMultiHeadAttention(keras.layers.Layer):
         config = super().get_config()
         config.update(
             dim=self.dim, num_heads=self.num_heads, vib_dim=self.vib_dim, qkv_bias=self.qkv_bias,
-            kl_weight=self.kl_weight, logvar_init=self.logvar_init, seed=self.seed)
+            kl_weight=self.kl_weight, logvar_init=self.logvar_init, seed=self.seed, vib_hidden=self.vib_hidden)
         return config
 
 
@@ -266,9 +300,11 @@ class TransformerBlock(keras.layers.Layer):
             logvar_init: float = -6.0,
             layer_norm_epsilon: float = 1e-6,
             seed: Optional[int] = None,
+            vib_hidden: int = 0,
             **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.vib_hidden = vib_hidden
         self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
         self.vib_dim, self.qkv_bias, self.kl_weight = vib_dim, bool(qkv_bias), float(kl_weight)
         self.logvar_init, self.layer_norm_epsilon, self.seed = float(logvar_init), float(layer_norm_epsilon), seed
@@ -276,7 +312,7 @@ class TransformerBlock(keras.layers.Layer):
         self.norm1 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dt, name='norm1')
         self.attn = VIBMultiHeadAttention(
             dim, num_heads, vib_dim=vib_dim, qkv_bias=qkv_bias, kl_weight=kl_weight, logvar_init=logvar_init,
-            seed=seed, dtype=dt, name='attn')
+            seed=seed, vib_hidden=vib_hidden, dtype=dt, name='attn')
         self.norm2 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dt, name='norm2')
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), dtype=dt, name='mlp')
 
@@ -298,7 +334,7 @@ class TransformerBlock(keras.layers.Layer):
         config.update(
             dim=self.dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, vib_dim=self.vib_dim,
             qkv_bias=self.qkv_bias, kl_weight=self.kl_weight, logvar_init=self.logvar_init,
-            layer_norm_epsilon=self.layer_norm_epsilon, seed=self.seed)
+            layer_norm_epsilon=self.layer_norm_epsilon, seed=self.seed, vib_hidden=self.vib_hidden)
         return config
 
 

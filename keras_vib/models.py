@@ -50,6 +50,7 @@ class VisionTransformerVIB(keras.Model):
         attn_mode: 'vib' bottlenecked attention; 'none' MLP-only blocks (no communication between
             patches, KL zero); 'plain' attention without bottleneck (no KL).
         vib_dim: latent size r per head.
+        vib_hidden: hidden width of each head's encoder / decoder MLP (the paper's runs: 64); 0 = linear.
         beta: information cost; the model adds beta * mean KL (nats) to its losses.
         vib_logvar_init: initial log-variance bias of the posteriors.
         layer_norm_epsilon: LayerNorm epsilon (timm's ViT: 1e-6).
@@ -74,6 +75,7 @@ class VisionTransformerVIB(keras.Model):
             vib_logvar_init: float = -6.0,
             layer_norm_epsilon: float = 1e-6,
             seed: Optional[int] = None,
+            vib_hidden: int = 64,
             **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -89,6 +91,7 @@ class VisionTransformerVIB(keras.Model):
         self.depth, self.num_heads, self.mlp_ratio = int(depth), int(num_heads), float(mlp_ratio)
         self.qkv_bias, self.attn_mode, self.vib_dim = bool(qkv_bias), attn_mode, vib_dim
         self.vib_logvar_init, self.layer_norm_epsilon, self.seed = float(vib_logvar_init), float(layer_norm_epsilon), seed
+        self.vib_hidden = vib_hidden
         self._beta = _check_beta(beta)
         dt = self.dtype_policy
         self.patch_embed = PatchEmbedding(
@@ -103,7 +106,7 @@ class VisionTransformerVIB(keras.Model):
                     embed_dim, num_heads, mlp_ratio, vib_dim=vib_dim if attn_mode == 'vib' else None,
                     qkv_bias=qkv_bias, kl_weight=kl_weight, logvar_init=vib_logvar_init,
                     layer_norm_epsilon=layer_norm_epsilon, seed=None if seed is None else seed + i,
-                    dtype=dt, name=f'blocks_{i}')
+                    vib_hidden=vib_hidden, dtype=dt, name=f'blocks_{i}')
             self.blocks.append(blk)
         self.head = PoolingHead(num_classes, layer_norm_epsilon, dtype=dt, name='head')
         self.build((None,) + self.image_size + (self.in_chans,))
@@ -195,7 +198,7 @@ class VisionTransformerVIB(keras.Model):
             num_classes=self.num_classes, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
             mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, attn_mode=self.attn_mode, vib_dim=self.vib_dim,
             beta=self.beta, vib_logvar_init=self.vib_logvar_init, layer_norm_epsilon=self.layer_norm_epsilon,
-            seed=self.seed)
+            seed=self.seed, vib_hidden=self.vib_hidden)
         return config
 
     @classmethod

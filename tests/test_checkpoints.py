@@ -25,6 +25,26 @@ def test_round_trip_through_timm_local_dir(tmp_path, name):
         assert tuple(loaded.pretrained_cfg['mean']) == (0.5,) * 3
 
 
+def test_linear_checkpoints_of_timm_vib_0_1_still_load(tmp_path):
+    """timm_vib 0.1 had linear bottlenecks and no vib_hidden in config.json: they load as vib_hidden=0;
+    timm's own local-dir path, which builds the registered default (the MLP), says what to pass."""
+    model = timm.create_model('vit_tiny_vib_b4', vib_dim=8, vib_hidden=0, **SMALL).eval()
+    save_model(model, tmp_path)
+    cfg = json.loads((tmp_path / 'config.json').read_text())
+    assert cfg['model_args'].pop('vib_hidden') == 0
+    (tmp_path / 'config.json').write_text(json.dumps(cfg))  # as 0.1 recorded it
+    loaded = load_model(tmp_path).eval()
+    assert loaded.vib_hidden == 0
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='vib_hidden=0'):
+        timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
+    mlp = timm.create_model('vit_tiny_vib_b4', vib_dim=8, **SMALL)
+    save_model(mlp, tmp_path / 'mlp')
+    assert json.loads((tmp_path / 'mlp' / 'config.json').read_text())['model_args']['vib_hidden'] == 64
+    assert load_model(tmp_path / 'mlp').vib_hidden == 64
+
+
 def test_beta_override_and_architecture_are_recorded(tmp_path):
     model = timm.create_model('vit_tiny_vib', beta=0.3, **SMALL)
     save_model(model, tmp_path, model_args={'beta': 2.0})

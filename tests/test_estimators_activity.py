@@ -26,11 +26,12 @@ def silence(model, layer, head, dims=None):
     vib = model.blocks[layer].attn.vib
     r = vib.vib_dim
     dims = list(range(r)) if dims is None else dims
+    weight = vib.enc_out_weight if vib.vib_hidden else vib.enc_weight  # the layer that outputs (mu, logvar)
     with torch.no_grad():
         for d in dims:
             for c in (d, r + d):
-                vib.enc_weight[head, :, c] = 0
-                vib.enc_bias[head, c] = 0
+                weight[head, :, c] = 0
+                vib.stats_bias[head, c] = 0
 
 
 def test_kl_map_and_totals():

@@ -28,7 +28,9 @@ def timm_model(name='vit_tiny_vib', img_size=32, patch_size=8, depth=2, num_clas
     if m.attn_mode == 'vib':  # move the log-variances off their constant init so the KL is not trivial
         with torch.no_grad():
             for b in m.bottlenecks():
-                b.enc_bias.normal_(0, 1.0)
+                for bias in b._biases():
+                    bias.normal_(0, 0.5)
+                b.stats_bias.normal_(0, 1.0)
                 b.dec_bias.normal_(0, 0.1)
     return m.eval()
 
@@ -64,6 +66,7 @@ def check_equivalent(m, km, what):
 
 @pytest.mark.parametrize('name,img_size,patch_size,vib_dim', [
     ('vit_tiny_vib', 32, 8, 32),
+    ('vit_tiny_vib', 32, 8, (32, 0)),     # (vib_dim, vib_hidden): linear encoders / decoders
     ('vit_tiny_vib', 48, 16, 8),
     ('vit_tiny_vib_b4', (32, 48), 8, 1),   # non-square grid
     ('vit_tiny_vib', 64, 16, 64),
@@ -74,8 +77,11 @@ def check_equivalent(m, km, what):
 ])
 def test_from_timm_module_matches_timm(name, img_size, patch_size, vib_dim):
     kw = {} if vib_dim is None else {'vib_dim': vib_dim}
+    if isinstance(vib_dim, tuple):
+        kw = {'vib_dim': vib_dim[0], 'vib_hidden': vib_dim[1]}
     m = timm_model(name, img_size=img_size, patch_size=patch_size, **kw)
     km = from_timm(m)
+    assert km.vib_hidden == m.vib_hidden or m.attn_mode != 'vib'
     assert km.beta == m.beta and km.attn_mode == m.attn_mode and km.depth == 2
     assert km.image_size == tuple(m.patch_embed.img_size)
     check_equivalent(m, km, f'{name} {img_size}/{patch_size} r={vib_dim}')

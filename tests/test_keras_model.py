@@ -99,7 +99,7 @@ def test_get_config_round_trip_and_dtype_policy():
     cfg = m.get_config()
     assert set(cfg) == {'name', 'trainable', 'dtype', 'image_size', 'patch_size', 'in_chans', 'num_classes',
                         'embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'qkv_bias', 'attn_mode', 'vib_dim',
-                        'beta', 'vib_logvar_init', 'layer_norm_epsilon', 'seed'}
+                        'beta', 'vib_logvar_init', 'layer_norm_epsilon', 'seed', 'vib_hidden'}
     again = VisionTransformerVIB.from_config(cfg)
     assert again.get_config() == cfg
     for layer in (m.patch_embed, m.blocks[0], m.blocks[0].attn.vib, m.blocks[1].mlp.fc1, m.head.head):

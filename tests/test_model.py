@@ -71,6 +71,25 @@ def test_information_loss_conventions():
         information_loss(kl[0])
 
 
+def test_sqrt_reduction_is_the_reference_codes_sqrt_kl():
+    """murphyka/vit_ib --sqrt-kl: sqrt(clamp(kl, 0).mean(tokens) + 1e-8).mean() over [B, layers x heads]."""
+    kl = torch.rand(3, 2, 3, 16) * 4
+    kl[0, 1, 2] = 0.0  # a silent head: sqrt(1e-8), finite gradient
+    hand = torch.tensor([[math.sqrt(kl[b, l, h].mean().item() + 1e-8) for l in range(2) for h in range(3)]
+                         for b in range(3)], dtype=torch.float64)
+    assert information_loss(kl, 'sqrt').item() == pytest.approx(hand.mean().item(), rel=1e-6)
+    torch.testing.assert_close(timm_vib.information_per_sample(kl, 'sqrt'), hand.mean(1).float())
+    # concave: one head sending 4x costs less than four heads sending x each
+    one = torch.zeros(1, 1, 4, 8)
+    one[0, 0, 0] = 4.0
+    four = torch.ones(1, 1, 4, 8)
+    assert information_loss(one, 'sqrt') < information_loss(four, 'sqrt')
+    assert information_loss(one, 'mean') == information_loss(four, 'mean')
+    g = kl.clone().requires_grad_()
+    information_loss(g, 'sqrt').backward()
+    assert torch.isfinite(g.grad).all()
+
+
 def test_model_kl_equals_closed_form_of_its_posteriors():
     m = small().eval()
     x = images()
@@ -84,11 +103,23 @@ def test_model_kl_equals_closed_form_of_its_posteriors():
     assert all(lv.min() >= -10 and lv.max() <= 10 for _, lv in post)
 
 
-def test_logvar_bias_initialised_to_minus_six():
-    m = small(vib_dim=8)
+@pytest.mark.parametrize('vib_hidden', [0, 64])
+def test_logvar_bias_initialised_to_minus_six(vib_hidden):
+    m = small(vib_dim=8, vib_hidden=vib_hidden)
     for b in m.bottlenecks():
-        assert b.enc_bias.shape == (3, 16)
-        assert torch.all(b.enc_bias[:, 8:] == -6.0) and torch.all(b.enc_bias[:, :8] == 0)
+        last = b.enc_out_bias if vib_hidden else b.enc_bias  # the layer that outputs (mu, logvar)
+        assert last.shape == (3, 16)
+        assert torch.all(last[:, 8:] == -6.0) and torch.all(last[:, :8] == 0)
+
+
+def test_registered_models_use_the_reference_mlp_bottleneck():
+    """murphyka/vit_ib's train_model.sh: --ib-mlp-hidden-dim 64, --attn-head-bottleneck-dim 32."""
+    m = timm.create_model('vit_tiny_vib_b1', depth=1)
+    b = m.bottlenecks()[0]
+    assert (m.vib_hidden, m.vib_dim) == (64, 32)
+    assert b.enc_weight.shape == (3, 64, 64) and b.enc_out_weight.shape == (3, 64, 64)
+    assert b.dec_in_weight.shape == (3, 32, 64) and b.dec_weight.shape == (3, 64, 64)
+    assert timm.create_model('vit_tiny_vib', vib_hidden=0, depth=1).vib_hidden == 0
 
 
 # --- sampling -----------------------------------------------------------------------------------
@@ -121,9 +152,11 @@ def test_sampled_latent_has_posterior_statistics():
 # --- the fused path is the same function as the explicit reference --------------------------------
 
 def reference_attention(attn: VIBAttention, x: torch.Tensor, z_noise=None):
-    """Naive per-head loop: softmax(q k^T / sqrt(d)) v, per-head Linear encode, decode, proj."""
+    """Naive per-head loop: softmax(q k^T / sqrt(d)) v, per-head encoder (Linear, or Linear-GELU-Linear),
+    decoder at the posterior mean, proj (as murphyka/vit_ib's HeadwiseVIBED in eval without noise)."""
     B, N, C = x.shape
     H, D = attn.num_heads, attn.head_dim
+    vib = attn.vib
     qkv = x @ attn.qkv.weight.T + (attn.qkv.bias if attn.qkv.bias is not None else 0)
     q, k, v = qkv.split(H * D, dim=-1)
     heads = []
@@ -132,28 +165,37 @@ def reference_attention(attn: VIBAttention, x: torch.Tensor, z_noise=None):
         qh, kh = attn.q_norm(q[..., sl]), attn.k_norm(k[..., sl])
         p = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(D), dim=-1)
         delta = p @ v[..., sl]
-        stats = delta @ attn.vib.enc_weight[h] + attn.vib.enc_bias[h]
-        mu = stats[..., :attn.vib.vib_dim]
-        heads.append(mu @ attn.vib.dec_weight[h] + attn.vib.dec_bias[h])
+        stats = delta @ vib.enc_weight[h] + vib.enc_bias[h]
+        if vib.vib_hidden:
+            stats = F.gelu(stats) @ vib.enc_out_weight[h] + vib.enc_out_bias[h]
+        mu = stats[..., :vib.vib_dim]
+        if vib.vib_hidden:
+            mu = F.gelu(mu @ vib.dec_in_weight[h] + vib.dec_in_bias[h])
+        heads.append(mu @ vib.dec_weight[h] + vib.dec_bias[h])
     out = attn.norm(torch.cat(heads, -1))
     if attn.gate is not None:
         out = out * torch.sigmoid(attn.gate(x))
     return attn.proj(out)
 
 
+@pytest.mark.parametrize('vib_hidden', [0, 7])
 @pytest.mark.parametrize('options', [{}, {'qk_norm': True}, {'gated': True}, {'scale_norm': True}, {'qkv_bias': False}])
-def test_vib_attention_equals_naive_reference(options):
+def test_vib_attention_equals_naive_reference(options, vib_hidden):
     torch.manual_seed(0)
-    attn = VIBAttention(24, num_heads=3, vib_dim=5, qkv_bias=options.pop('qkv_bias', True),
+    attn = VIBAttention(24, num_heads=3, vib_dim=5, vib_hidden=vib_hidden, qkv_bias=options.pop('qkv_bias', True),
                         norm_layer=torch.nn.LayerNorm, **options).eval()
+    with torch.no_grad():  # non-zero biases everywhere, so a bias applied in the wrong place shows
+        for b in attn.vib._biases():
+            b.add_(0.1 * torch.randn_like(b))
     x = torch.randn(2, 7, 24)
     torch.testing.assert_close(attn(x), reference_attention(attn, x), rtol=1e-5, atol=1e-5)
     attn.fused_attn = False  # timm's explicit softmax path
     torch.testing.assert_close(attn(x), reference_attention(attn, x), rtol=1e-5, atol=1e-5)
 
 
-def test_folded_and_explicit_paths_agree_in_value_kl_and_gradient():
-    m = small().train()
+@pytest.mark.parametrize('vib_hidden', [0, 64])
+def test_folded_and_explicit_paths_agree_in_value_kl_and_gradient(vib_hidden):
+    m = small(vib_hidden=vib_hidden).train()
     x = images()
     torch.manual_seed(3)
     logits_a, kl_a = m(x, return_kl=True)
@@ -210,7 +252,8 @@ def test_noattn_is_deepsets_and_vib_communicates():
     assert changed(vib).all()
 
 
-def test_wide_bottleneck_without_noise_reproduces_plain_attention():
+@pytest.mark.parametrize('vib_hidden', [0, 128, 150])
+def test_wide_bottleneck_without_noise_reproduces_plain_attention(vib_hidden):
     torch.manual_seed(0)
     plain = timm.create_model('vit_tiny_gap', **SMALL).eval()
     x = images()
@@ -218,11 +261,101 @@ def test_wide_bottleneck_without_noise_reproduces_plain_attention():
     for r in (64, 80):  # head_dim and wider
         m = timm.create_model('vit_tiny_gap', **SMALL)
         m.load_state_dict(plain.state_dict())
-        vibify(m, vib_dim=r, beta=0.5).eval()
-        assert m.has_bottleneck and m.beta == 0.5 and m.vib_dim == r
+        vibify(m, vib_dim=r, beta=0.5, vib_hidden=vib_hidden).eval()
+        assert m.has_bottleneck and m.beta == 0.5 and m.vib_dim == r and m.vib_hidden == vib_hidden
         torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-5)
         _, kl = m(x, return_kl=True)
         assert kl.shape == (2, 2, 3, 16)
+
+
+def test_narrow_identity_init_is_the_projection_on_its_directions():
+    """With r < head_dim the identity init passes each head's output projected on k orthonormal
+    directions: decoded = Q Q^T delta, for the linear and the MLP (GELU(t) - GELU(-t) = t) layouts."""
+    torch.manual_seed(0)
+    for vib_hidden in (0, 2 * 5, 64):
+        b = HeadBottleneck(num_heads=2, head_dim=6, vib_dim=5, vib_hidden=vib_hidden).eval()
+        b.init_identity(torch.Generator().manual_seed(1))
+        q = b.enc_weight[:, :, :5].detach()  # [H, D, k]
+        torch.testing.assert_close(q.transpose(1, 2) @ q, torch.eye(5).expand(2, 5, 5), atol=1e-6, rtol=0)
+        delta = torch.randn(3, 2, 4, 6)
+        z, mu, logvar = b(b.encode(delta))
+        expected = torch.einsum('bhnd,hdk,hek->bhne', delta, q, q)
+        torch.testing.assert_close(b.decode(z), expected, rtol=1e-5, atol=1e-5)
+        assert torch.all(logvar == -6.0)
+
+
+def test_small_init_dec_starts_as_independent_patches():
+    """The reference code's small_init_dec: decoders start at ~1e-4, so a patch's content barely
+    reaches the others' logits until the model learns to communicate."""
+    x = images()
+    x2 = x.clone()
+    x2[:, :, 8:16, 16:24] = torch.randn(2, 3, 8, 8)  # token 6
+    others = [i for i in range(16) if i != 6]
+    shift = {}
+    for small_init in (True, False):
+        m = small(vib_small_init_dec=small_init).eval()
+        shift[small_init] = (patch_logits(m, x) - patch_logits(m, x2))[:, others].abs().max().item()
+        assert (m.bottlenecks()[0].dec_weight.abs().max() < 1e-3) == small_init
+    assert 0 < shift[True] < 0.01 * shift[False]
+
+
+def _reference_layout_state_dict(model, hidden):
+    """What murphyka/vit_ib's ViTWithHeadIB.state_dict() holds for the same weights: the class-token ViT
+    under vit.*, its blocks again under blocks.N.blk.*, one nn.Linear / Sequential(Linear, GELU, Linear)
+    per head (weights [out, in])."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if '.attn.vib.' in k:
+            continue
+        if k == 'pos_embed':
+            v = torch.cat([torch.randn(1, 1, v.shape[-1]), v], 1)  # a class-token position, unused
+        sd[f'vit.{k}'] = v
+    sd['vit.cls_token'] = torch.randn(1, 1, model.embed_dim)
+    layers = (('enc_list', '0', 'enc'), ('enc_list', '2', 'enc_out'), ('dec_list', '0', 'dec_in'), ('dec_list', '2', 'dec'))
+    for i, blk in enumerate(model.blocks):
+        vib = blk.attn.vib
+        for lst, idx, ours in (layers if hidden else (('enc_list', None, 'enc'), ('dec_list', None, 'dec'))):
+            for h in range(vib.num_heads):
+                pre = f'blocks.{i}.attn.ib.{lst}.{h}.' + (f'{idx}.' if idx else '')
+                sd[f'vit.{pre}weight'] = getattr(vib, f'{ours}_weight')[h].T.contiguous()
+                sd[f'vit.{pre}bias'] = getattr(vib, f'{ours}_bias')[h].clone()
+    for k in list(sd):
+        if k.startswith('vit.blocks.'):
+            i, rest = k[len('vit.blocks.'):].split('.', 1)
+            sd[f'blocks.{i}.blk.{rest}'] = sd[k]
+    return sd
+
+
+@pytest.mark.parametrize('vib_hidden', [0, 64])
+def test_reference_code_checkpoint_loads(vib_hidden, tmp_path):
+    src = small(vib_hidden=vib_hidden).eval()
+    with torch.no_grad():
+        for b in src.bottlenecks():
+            for p in b._biases():
+                p.normal_()
+    ref = _reference_layout_state_dict(src, vib_hidden)
+    converted = timm_vib.convert_reference_state_dict(ref)
+    assert set(converted) == set(src.state_dict())
+    x = images()
+    dst = timm.create_model('vit_tiny_vib', vib_hidden=vib_hidden, **SMALL).eval()
+    dst.load_state_dict(converted)
+    torch.testing.assert_close(dst(x), src(x))
+    # through timm's pretrained path, as the reference saves it (a .pth of the state dict)
+    torch.save(ref, tmp_path / 'model_beta1.0_epochs1000.pth')
+    m = timm.create_model('vit_tiny_vib', pretrained=True, vib_hidden=vib_hidden,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'model_beta1.0_epochs1000.pth'), num_classes=5),
+                          **SMALL)
+    torch.testing.assert_close(m.eval()(x), src(x))
+    # a plain state dict is left alone
+    assert timm_vib.convert_reference_state_dict(src.state_dict()).keys() == src.state_dict().keys()
+
+
+def test_linear_and_mlp_layouts_are_told_apart():
+    linear, mlp = small(vib_hidden=0), small(vib_hidden=64)
+    with pytest.raises(ValueError, match='vib_hidden=0'):
+        mlp.load_state_dict(linear.state_dict())
+    with pytest.raises(ValueError, match='MLP encoders'):
+        linear.load_state_dict(mlp.state_dict())
 
 
 def test_vibify_a_stock_timm_vit_keeps_its_weights():
@@ -298,7 +431,7 @@ def test_timm_conventions():
     # weight decay groups through timm's optimizer factory: bottleneck params never decay
     nwd = m.no_weight_decay()
     vib_params = [n for n, _ in m.named_parameters() if '.vib.' in n]
-    assert len(vib_params) == 2 * 4 and set(vib_params) <= nwd and 'pos_embed' not in nwd
+    assert len(vib_params) == 2 * 8 and set(vib_params) <= nwd and 'pos_embed' not in nwd  # 2 blocks x 4 layers
     opt = timm.optim.create_optimizer_v2(m, 'adamw', lr=1e-3, weight_decay=0.05)
     decayed = {id(p) for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
     named = dict(m.named_parameters())
@@ -346,6 +479,14 @@ def test_bad_beta(beta):
 def test_bad_vib_dim(vib_dim):
     with pytest.raises(ValueError, match='vib_dim'):
         timm.create_model('vit_tiny_vib', vib_dim=vib_dim, depth=1)
+
+
+@pytest.mark.parametrize('vib_hidden', [-1, 2.5, True, 'wide'])
+def test_bad_vib_hidden(vib_hidden):
+    with pytest.raises(ValueError, match='vib_hidden'):
+        timm.create_model('vit_tiny_vib', vib_hidden=vib_hidden, depth=1)
+    with pytest.raises(ValueError, match='vib_hidden'):
+        vibify(timm.create_model('vit_tiny_gap', depth=1), vib_hidden=vib_hidden)
 
 
 def test_bad_images():

@@ -1,6 +1,7 @@
 """Training through Accelerate on CPU: learning, run files, exact resume after a SIGKILL, two gloo
 processes, the sweep, the data readers and clear errors for bad input."""
 import gzip
+import math
 import json
 import os
 import subprocess
@@ -70,7 +71,11 @@ def test_tiny_model_learns_digits_and_writes_every_file(digits_run):
     assert s['stochastic_eval']['k'] == 2 and s['train_samples_per_second'] > 0
     assert (s['beta'], s['attn_mode'], s['depth'], s['num_heads'], s['vib_dim'], s['world_size']) == (0.01, 'vib', 1, 3, 32, 1)
     cfg = json.loads((out / 'run_config.json').read_text())
-    assert cfg['kl_reduction'] == 'mean' and cfg['beta_warmup_epochs'] == 0 and cfg['num_classes'] == 10
+    # beta warm-up: 10% of the epochs by default (the reference script: 100 of 1000), linear
+    assert cfg['kl_reduction'] == 'mean' and cfg['beta_warmup_epochs'] == 0.5 and cfg['num_classes'] == 10
+    assert cfg['beta_schedule'] == 'linear' and [r['beta'] for r in rows] == [0.01] * 5
+    # the sampled validation passes run after the last epoch only
+    assert 'stochastic_top1_mean' in rows[-1] and not any('stochastic_top1_mean' in r for r in rows[:-1])
     assert cfg['mixed_precision'] == 'no' and cfg['world_size'] == 1
     # the final weights reload, with the data config of digits
     m = load_model(out).eval()
@@ -233,3 +238,31 @@ def test_lr_follows_timm_cosine_with_warmup_per_update(digits_run):
         expected = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / total))
         assert row['lr'] == pytest.approx(expected, rel=1e-6)
     assert row['lr'] == pytest.approx(min_lr)
+
+
+def test_beta_warmup_schedules_closed_form():
+    """The reference code's ramps: linear to beta, and geometric from 1e-8 (log-linear in the update)."""
+    from timm_vib.training import beta_at
+    assert [beta_at(4.0, u, 4) for u in range(6)] == [1.0, 2.0, 3.0, 4.0, 4.0, 4.0]
+    assert beta_at(4.0, 0, 10, 'log') == pytest.approx(1e-8)
+    assert beta_at(4.0, 5, 10, 'log') == pytest.approx((1e-8 * 4.0) ** 0.5, rel=1e-9)  # half way: geometric mean
+    logs = [math.log(beta_at(4.0, u, 10, 'log')) for u in range(10)]
+    assert np.allclose(np.diff(logs), (math.log(4.0) - math.log(1e-8)) / 10)
+    assert beta_at(4.0, 10, 10, 'log') == 4.0 and beta_at(0.0, 3, 10, 'log') == 0.0 and beta_at(4.0, 0, 0) == 4.0
+    with pytest.raises(ValueError, match='schedule'):
+        beta_at(1.0, 0, 5, 'cosine')
+
+
+def test_log_beta_schedule_and_sqrt_reduction_are_recorded(tmp_path):
+    out = tmp_path / 'run'
+    train(parse_args(['--model', 'vit_tiny_vib_b1', *TINY, *SMALL_DATA, '--epochs', '2', '--beta-warmup-epochs', '2',
+                      '--beta-schedule', 'log', '--kl-reduction', 'sqrt', '--output', str(out)]))
+    cfg = json.loads((out / 'run_config.json').read_text())
+    rows = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    per_epoch = cfg['schedule']['updates_per_epoch']
+    assert (cfg['beta_schedule'], cfg['kl_reduction'], cfg['beta_warmup_updates']) == ('log', 'sqrt', 2 * per_epoch)
+    # epoch 1 ends half way through the ramp: the geometric mean of 1e-8 and 1, one update short
+    assert rows[0]['beta'] == pytest.approx(math.exp(math.log(1e-8) * (1 - (per_epoch - 1) / (2 * per_epoch))))
+    s = json.loads((out / 'summary.json').read_text())
+    assert (s['beta_schedule'], s['kl_reduction'], s['vib_hidden']) == ('log', 'sqrt', 64)
+    assert math.isfinite(rows[-1]['val_loss'])

@@ -3,7 +3,7 @@
 ``import timm_vib`` registers the ``vit_tiny_vib*``, ``vit_tiny_noattn`` and ``vit_tiny_gap``
 models with timm, so ``timm.create_model("vit_tiny_vib_b4")`` works.
 """
-from .information import KL_REDUCTIONS, gaussian_kl, information_loss
+from .information import KL_REDUCTIONS, gaussian_kl, information_loss, information_per_sample
 from .vision_transformer_vib import (
     ATTN_MODES,
     HUB_NAMESPACE,
@@ -14,6 +14,7 @@ from .vision_transformer_vib import (
     VIBBlock,
     VisionTransformerVIB,
     beta_from_name,
+    convert_reference_state_dict,
     name_for_beta,
     vibify,
 )

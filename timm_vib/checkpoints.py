@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from timm.models import create_model, is_model
 from timm.models._hub import save_for_hf
 
@@ -39,8 +39,12 @@ def save_model(
     Each file is written to a temporary name and renamed, so an interruption leaves the previous
     files intact. Returns the folder.
     """
+    from .vision_transformer_vib import VisionTransformerVIB
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, VisionTransformerVIB) and model.has_bottleneck:
+        # recorded even when they were the defaults, so the folder reloads whatever later defaults are
+        model_args = {'vib_dim': model.vib_dim, 'vib_hidden': model.vib_hidden, **(model_args or {})}
     with tempfile.TemporaryDirectory(prefix='.save-', dir=folder) as tmp:
         save_for_hf(model, tmp, model_args=model_args, safe_serialization=True, data_config=data_config)
         if architecture:  # save_for_hf keeps the model's own name; the recorded one must match the args
@@ -88,6 +92,8 @@ def load_model(folder: Union[str, os.PathLike], **kwargs: Any) -> torch.nn.Modul
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f'{folder} has no {WEIGHTS_NAME}')
+    if 'vib_hidden' not in (cfg.get('model_args') or {}) and 'vib_hidden' not in kwargs and _linear_layout(weights):
+        kwargs['vib_hidden'] = 0  # saved before vib_hidden existed (timm_vib 0.1): linear bottlenecks
     try:
         return create_model(f'local-dir:{folder}', pretrained=True, **kwargs)
     except SafetensorError as e:
@@ -97,6 +103,16 @@ def load_model(folder: Union[str, os.PathLike], **kwargs: Any) -> torch.nn.Modul
             first = str(e).strip().splitlines()[:3]
             raise ValueError(f'{weights} does not fit {arch} as configured in {CONFIG_NAME}: ' + ' '.join(first)) from None
         raise
+
+
+def _linear_layout(weights: Path) -> bool:
+    """True if the file holds bottlenecks with linear encoders (no ``enc_out_weight``), read from its header."""
+    try:
+        with safe_open(str(weights), 'pt') as f:
+            keys = list(f.keys())
+    except SafetensorError as e:
+        raise ValueError(f'{weights} is corrupt ({e})') from None
+    return any(k.endswith('.vib.enc_weight') for k in keys) and not any(k.endswith('.vib.enc_out_weight') for k in keys)
 
 
 def copy_model(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> Path:

@@ -105,7 +105,7 @@ def build_card(run_dir: PathLike, repo_id: str, figure: Optional[str] = None) ->
         eval_results=results,
         # the measured numbers, machine-readable beside model-index
         timm_vib={k: summary.get(k) for k in (
-            'model', 'beta', 'attn_mode', 'kl_reduction', 'vib_dim', 'val_top1', 'val_top5',
+            'model', 'beta', 'attn_mode', 'kl_reduction', 'vib_dim', 'vib_hidden', 'val_top1', 'val_top5',
             'nats_per_image', 'nats_per_patch', 'num_active_heads', 'active_heads', 'stochastic_eval')},
     )
     args = timm_cfg.get('model_args', {})
@@ -145,6 +145,8 @@ def build_card(run_dir: PathLike, repo_id: str, figure: Optional[str] = None) ->
         mixed_precision=run_cfg.get('mixed_precision', 'no'),
         kl_reduction=summary.get('kl_reduction', run_cfg.get('kl_reduction', 'mean')),
         beta_warmup_epochs=run_cfg.get('beta_warmup_epochs', 0),
+        beta_schedule=run_cfg.get('beta_schedule', 'linear'),
+        vib_hidden=summary.get('vib_hidden', args.get('vib_hidden')),
     )
 
 

@@ -28,13 +28,28 @@ import torch
 import torch.nn.functional as F
 
 from .files import atomic_write_json, atomic_write_text
-from .information import KL_REDUCTIONS, information_loss
+from .information import KL_REDUCTIONS, information_loss, information_per_sample
 from .vision_transformer_vib import name_for_beta
 
 __all__ = ['add_train_args', 'parse_args', 'train', 'run_sweep', 'evaluate', 'Checkpoints', 'build_model',
            'register_cli', 'ACTIVE_KL', 'sweep_model_name']
 
 ACTIVE_KL = 1e-2  # nats: a head is active if it sends more than this to at least one validation patch (paper)
+BETA_SCHEDULES = ('linear', 'log')
+LOG_RAMP_START = 1e-8  # the reference code's start of its log ramp
+
+
+def beta_at(beta: float, update: int, warmup_updates: int, schedule: str = 'linear') -> float:
+    """The information cost in force at optimizer update ``update`` (0-based) of a warm-up over
+    ``warmup_updates`` updates: ``linear`` rises from beta / warmup_updates to beta, ``log`` rises
+    geometrically from 1e-8 to beta (the reference code's two ramps); beta itself afterwards."""
+    if schedule not in BETA_SCHEDULES:
+        raise ValueError(f'beta schedule must be one of {BETA_SCHEDULES}, got {schedule!r}')
+    if update >= warmup_updates or beta == 0:
+        return beta
+    if schedule == 'linear':
+        return beta * (update + 1) / warmup_updates
+    return math.exp(math.log(LOG_RAMP_START) + (math.log(beta) - math.log(LOG_RAMP_START)) * update / warmup_updates)
 
 
 # --- arguments ----------------------------------------------------------------------------------
@@ -57,10 +72,14 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default=[], type=_kv, metavar='KEY=VALUE',
                    help='passed to timm.create_model, e.g. depth=2 img_size=32 patch_size=4')
     g.add_argument('--beta', type=float, default=None, help='information cost (default: from the model name)')
-    g.add_argument('--beta-warmup-epochs', type=float, default=0.,
-                   help='ramp beta linearly from 0 over these epochs (0 = the paper text; its code used 10)')
+    g.add_argument('--beta-warmup-epochs', type=float, default=None,
+                   help='ramp beta up over these epochs (default: 10%% of --epochs, as the reference script: 100 '
+                        'of 1000; 0 = fixed beta, as the paper text says)')
+    g.add_argument('--beta-schedule', choices=BETA_SCHEDULES, default='linear',
+                   help='warm-up shape: linear from 0, or log (geometric) from 1e-8, the reference code\'s two options')
     g.add_argument('--kl-reduction', choices=KL_REDUCTIONS, default='mean',
-                   help='mean over layers x heads x tokens (reference code, default) or sum (eq. 3)')
+                   help='mean over layers x heads x tokens (reference code, default), sum (eq. 3), or sqrt '
+                        '(the reference\'s --sqrt-kl: square root of each head\'s mean KL over tokens, then mean)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (through Accelerate)')
     g = p.add_argument_group('data')
     g.add_argument('--data', default='digits', help='digits | fashion-mnist[:FOLDER] | an ImageNet-style FOLDER')
@@ -88,7 +107,9 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument('--checkpoint-every', type=int, default=0, help='also save a checkpoint every N optimizer steps')
     g.add_argument('--keep-checkpoints', type=int, default=2, help='keep the latest K checkpoints')
     g.add_argument('--stochastic-eval', type=int, default=0, metavar='K',
-                   help='also report mean and std over K validation passes that sample z')
+                   help='also report mean and std over K validation passes that sample z (after the last epoch)')
+    g.add_argument('--stochastic-eval-every', type=int, default=0, metavar='N',
+                   help='run the K sampled validation passes every N epochs too (0: only after the last)')
     g.add_argument('--log-with', nargs='*', default=[], help='Accelerate trackers, e.g. tensorboard')
     g.add_argument('--log-interval', type=int, default=10, help='steps between progress-bar updates')
     g.add_argument('--no-progress', action='store_true', help='no progress bars')
@@ -111,8 +132,9 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ('epochs', 'batch_size', 'grad_accum', 'keep_checkpoints', 'log_interval'):
         if getattr(args, name) < 1:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
-    for name in ('checkpoint_every', 'stochastic_eval', 'num_workers', 'warmup_epochs', 'beta_warmup_epochs'):
-        if getattr(args, name) < 0:
+    for name in ('checkpoint_every', 'stochastic_eval', 'stochastic_eval_every', 'num_workers', 'warmup_epochs',
+                 'beta_warmup_epochs'):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
     if not args.lr > 0:
         raise ValueError(f'--lr must be > 0, got {args.lr}')
@@ -204,7 +226,7 @@ def evaluate(model, loader, accelerator, beta: float, kl_reduction: str = 'mean'
         out = {'ce': ce, 'top1': (top[:, 0] == y).float(), 'top5': (top == y[:, None]).any(-1).float()}
         if kl is not None:
             out['nats'] = kl.sum(dim=(1, 2, 3))                         # [B] nats per image
-            out['info'] = kl.mean(dim=(1, 2, 3)) if kl_reduction == 'mean' else out['nats']
+            out['info'] = information_per_sample(kl, kl_reduction)
             out['head_mean'] = kl.mean(dim=3)                           # [B, depth, heads]
             out['head_max'] = kl.amax(dim=3)
             out['tokens'] = torch.full_like(ce, kl.shape[-1])
@@ -318,7 +340,8 @@ def _append_metrics(path: Path, row: Dict[str, Any]) -> None:
 
 
 # Arguments that define what is trained: a resumed run must agree on them with the run it continues.
-_SAME_ON_RESUME = ('model', 'model_kwargs', 'beta', 'kl_reduction', 'data', 'class_list', 'max_train_samples',
+_SAME_ON_RESUME = ('model', 'model_kwargs', 'beta', 'kl_reduction', 'beta_warmup_epochs', 'beta_schedule',
+                   'data', 'class_list', 'max_train_samples',
                    'batch_size', 'lr', 'weight_decay', 'warmup_epochs', 'grad_accum', 'seed', 'epochs')
 
 
@@ -341,6 +364,8 @@ def train(args: argparse.Namespace) -> Path:
     args = copy.copy(args)
     args.model_kwargs = list(args.model_kwargs)
     check_args(args)
+    if args.beta_warmup_epochs is None:
+        args.beta_warmup_epochs = 0.1 * args.epochs  # the reference script: 100 of 1000 epochs
     out = Path(args.output or _default_output(args))
     args.output = str(out)
     if (out / 'summary.json').is_file():
@@ -398,6 +423,7 @@ def train(args: argparse.Namespace) -> Path:
                  if k not in ('kill_at_step', 'func')},
         'model': args.model, 'architecture': arch, 'model_kwargs': model_args, 'beta': beta, 'attn_mode': attn_mode,
         'kl_reduction': args.kl_reduction, 'beta_warmup_epochs': args.beta_warmup_epochs,
+        'beta_schedule': args.beta_schedule, 'beta_warmup_updates': beta_warmup_updates,
         'data': spec.to_dict(), 'dataset': spec.name, 'num_classes': spec.num_classes, 'img_size': img_size,
         'mean': list(spec.mean), 'std': list(spec.std),
         'optimizer': {'name': 'adamw', 'lr': args.lr, 'weight_decay': args.weight_decay,
@@ -459,7 +485,7 @@ def train(args: argparse.Namespace) -> Path:
             t0 = time.perf_counter()
             for batch_idx, (x, y) in enumerate(loader, start=state['batch']):
                 with accelerator.accumulate(model):
-                    beta_now = beta * min(1.0, (state['step'] + 1) / beta_warmup_updates) if beta_warmup_updates else beta
+                    beta_now = beta_at(beta, state['step'], beta_warmup_updates, args.beta_schedule)
                     if has_kl:
                         logits, kl = model(x, return_kl=True)
                         info = information_loss(kl, args.kl_reduction)
@@ -498,12 +524,14 @@ def train(args: argparse.Namespace) -> Path:
 
             # 8. End of epoch: gather train metrics, validate, log, checkpoint
             loss_sum, ce_sum, correct, count = accelerator.reduce(sums.to(accelerator.device), 'sum').tolist()
-            val = evaluate(model, val_loader, accelerator, beta, args.kl_reduction)
-            row = {'epoch': epoch + 1, 'step': state['step'], 'lr': optimizer.param_groups[0]['lr'],
-                   'beta': beta_now if len(train_loader) else beta,
+            beta_epoch = beta_at(beta, max(state['step'] - 1, 0), beta_warmup_updates, args.beta_schedule)
+            val = evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction)
+            row = {'epoch': epoch + 1, 'step': state['step'], 'lr': optimizer.param_groups[0]['lr'], 'beta': beta_epoch,
                    'train_loss': loss_sum / count, 'train_ce': ce_sum / count, 'train_top1': 100 * correct / count, **val}
-            if args.stochastic_eval and has_kl and attn_mode == 'vib':
-                se = stochastic_evaluate(model, val_loader, accelerator, beta, args.kl_reduction, args.stochastic_eval)
+            every = args.stochastic_eval_every
+            if args.stochastic_eval and has_kl and attn_mode == 'vib' and (
+                    epoch + 1 == args.epochs or (every and (epoch + 1) % every == 0)):
+                se = stochastic_evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction, args.stochastic_eval)
                 row.update({f'stochastic_{k}': v for k, v in se.items()})
             if accelerator.is_main_process:
                 _append_metrics(metrics_path, row)
@@ -529,11 +557,12 @@ def train(args: argparse.Namespace) -> Path:
         blocks = getattr(net, 'blocks', [])
         summary = {
             'model': args.model, 'architecture': arch, 'beta': beta, 'attn_mode': attn_mode,
-            'kl_reduction': args.kl_reduction, 'dataset': spec.name, 'num_classes': spec.num_classes,
+            'kl_reduction': args.kl_reduction, 'beta_schedule': args.beta_schedule,
+            'beta_warmup_epochs': args.beta_warmup_epochs, 'dataset': spec.name, 'num_classes': spec.num_classes,
             'img_size': img_size, 'patch_size': int(pe.patch_size[0]) if pe is not None else None,
             'depth': len(blocks), 'num_heads': getattr(net, 'blocks', [None])[0].attn.num_heads
             if blocks and hasattr(blocks[0], 'attn') else (getattr(blocks[0], 'num_heads', None) if blocks else None),
-            'vib_dim': getattr(net, 'vib_dim', None),
+            'vib_dim': getattr(net, 'vib_dim', None), 'vib_hidden': getattr(net, 'vib_hidden', None),
             'epochs': args.epochs, 'steps': state['step'],
             'val_top1': last['val_top1'], 'val_top5': last['val_top5'], 'val_loss': last['val_loss'],
             'nats_per_image': last['nats_per_image'], 'nats_per_patch': last['nats_per_patch'],

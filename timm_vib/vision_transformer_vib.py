@@ -19,6 +19,7 @@ qkv -> scaled_dot_product_attention -> proj with slightly different widths, plus
 and the KL; the explicit encode/decode path is kept for scale_norm / gate and as a reference.
 """
 import math
+import numbers
 import os
 import re
 from functools import partial
@@ -39,7 +40,7 @@ from .information import gaussian_kl
 
 __all__ = [
     'HeadBottleneck', 'VIBAttention', 'VIBBlock', 'MlpBlock', 'VisionTransformerVIB',
-    'vibify', 'beta_from_name', 'name_for_beta', 'HUB_NAMESPACE', 'ATTN_MODES', 'MODEL_NAMES',
+    'vibify', 'convert_reference_state_dict', 'beta_from_name', 'name_for_beta', 'HUB_NAMESPACE', 'ATTN_MODES', 'MODEL_NAMES',
 ]
 
 ATTN_MODES = ('vib', 'none', 'plain')
@@ -61,16 +62,42 @@ def _check_vib_dim(vib_dim: int) -> int:
     return int(vib_dim)
 
 
+def _check_vib_hidden(vib_hidden: int) -> int:
+    if not isinstance(vib_hidden, numbers.Integral) or isinstance(vib_hidden, bool) or vib_hidden < 0:
+        raise ValueError(
+            f'vib_hidden (hidden width of each head\'s encoder and decoder MLP, 0 = linear) must be an integer '
+            f'>= 0, got {vib_hidden!r}')
+    return int(vib_hidden)
+
+
+def _per_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, i] @ [H, i, o] + [H, o] -> [B, H, N, o]: one linear layer per head, no loop."""
+    return torch.einsum('bhni,hio->bhno', x, weight) + bias[:, None]
+
+
 class HeadBottleneck(nn.Module):
     """Gaussian VIB for all heads of one layer, with stacked per-head weights.
 
-    Head h encodes its attention output (head_dim) with ``enc_weight[h]`` [head_dim, 2r] into the
-    mean (first r) and log-variance (last r) of a diagonal Gaussian, samples z (train mode, or
-    ``sample_in_eval``), and decodes with ``dec_weight[h]`` [r, head_dim]. No loop over heads.
+    Head h encodes its attention output (head_dim) into the mean (first r) and log-variance (last r)
+    of a diagonal Gaussian, samples z (train mode, or ``sample_in_eval``) and decodes z back to
+    head_dim. No loop over heads. Encoder and decoder are linear (``vib_hidden=0``) or, as in the
+    paper's published runs, MLPs with one GELU hidden layer of ``vib_hidden`` units::
 
-    ``forward`` takes the encoder output (so the fused attention path can compose the encoder with
-    the value projection) and returns (z, mu, logvar); forward hooks on this module therefore see
-    the posterior of every head, which is how ``timm_vib.estimators.capture`` records it.
+        linear:  enc  head_dim -> 2r                          dec  r -> head_dim
+        MLP:     enc  head_dim -> hidden -> GELU -> 2r         dec  r -> hidden -> GELU -> head_dim
+
+    Parameters, stacked over heads ([H, in, out] weights, [H, out] biases):
+
+    * ``enc_weight`` / ``enc_bias``: the encoder's first layer (head_dim -> 2r, or -> hidden). Attention
+      is linear in the values and its rows sum to one, so this layer composes with the value projection.
+    * ``enc_out_weight`` / ``enc_out_bias`` (MLP only): hidden -> 2r.
+    * ``dec_in_weight`` / ``dec_in_bias`` (MLP only): r -> hidden.
+    * ``dec_weight`` / ``dec_bias``: the decoder's last layer (r or hidden -> head_dim), which composes
+      with the output projection.
+
+    The linear layout is the one of timm_vib 0.1 checkpoints. ``forward`` takes the encoder output
+    and returns (z, mu, logvar); forward hooks on this module therefore see the posterior of every
+    head, which is how ``timm_vib.estimators.capture`` records it.
     """
 
     def __init__(
@@ -80,6 +107,8 @@ class HeadBottleneck(nn.Module):
             vib_dim: int = 32,
             logvar_init: float = -6.0,
             logvar_clamp: Tuple[float, float] = (-10.0, 10.0),
+            vib_hidden: int = 0,
+            small_init_dec: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -88,51 +117,106 @@ class HeadBottleneck(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.vib_dim = _check_vib_dim(vib_dim)
+        self.vib_hidden = _check_vib_hidden(vib_hidden)
         self.logvar_init = logvar_init
         self.logvar_clamp = tuple(logvar_clamp)
+        self.small_init_dec = bool(small_init_dec)
         self.sample_in_eval = False
-        r = self.vib_dim
-        self.enc_weight = nn.Parameter(torch.empty(num_heads, head_dim, 2 * r, **dd))
-        self.enc_bias = nn.Parameter(torch.empty(num_heads, 2 * r, **dd))
-        self.dec_weight = nn.Parameter(torch.empty(num_heads, r, head_dim, **dd))
-        self.dec_bias = nn.Parameter(torch.empty(num_heads, head_dim, **dd))
+        H, D, r, h = num_heads, head_dim, self.vib_dim, self.vib_hidden
+        enc_width, dec_width = (h, h) if h else (2 * r, r)
+        self.enc_weight = nn.Parameter(torch.empty(H, D, enc_width, **dd))
+        self.enc_bias = nn.Parameter(torch.empty(H, enc_width, **dd))
+        if h:
+            self.enc_out_weight = nn.Parameter(torch.empty(H, h, 2 * r, **dd))
+            self.enc_out_bias = nn.Parameter(torch.empty(H, 2 * r, **dd))
+            self.dec_in_weight = nn.Parameter(torch.empty(H, r, h, **dd))
+            self.dec_in_bias = nn.Parameter(torch.empty(H, h, **dd))
+        self.dec_weight = nn.Parameter(torch.empty(H, dec_width, D, **dd))
+        self.dec_bias = nn.Parameter(torch.empty(H, D, **dd))
         self.init_weights()
 
+    @property
+    def is_mlp(self) -> bool:
+        return self.vib_hidden > 0
+
+    @property
+    def stats_bias(self) -> torch.Tensor:
+        """[H, 2r] bias of the layer that outputs (mu, logvar)."""
+        return self.enc_out_bias if self.is_mlp else self.enc_bias
+
     def init_weights(self) -> None:
-        """nn.Linear's scale-preserving uniform init per head; log-variance bias at ``logvar_init``
-        (-6 in the reference code: the posterior starts nearly deterministic)."""
-        r = self.vib_dim
-        nn.init.uniform_(self.enc_weight, -self.head_dim ** -0.5, self.head_dim ** -0.5)
-        nn.init.uniform_(self.dec_weight, -r ** -0.5, r ** -0.5)
-        nn.init.zeros_(self.dec_bias)
+        """nn.Linear's scale-preserving uniform init per head (zero biases); log-variance bias at
+        ``logvar_init`` (-6 in the reference code: the posterior starts nearly deterministic). With
+        ``small_init_dec`` the decoder's last layer starts at N(0, 1e-4^2) (the reference's option):
+        the model then starts as independent patches and has to learn to communicate."""
+        for w in self._weights():
+            nn.init.uniform_(w, -w.shape[1] ** -0.5, w.shape[1] ** -0.5)
+        for b in self._biases():
+            nn.init.zeros_(b)
+        if self.small_init_dec:
+            nn.init.normal_(self.dec_weight, std=1e-4)
         with torch.no_grad():
-            self.enc_bias[:, :r].zero_()
-            self.enc_bias[:, r:].fill_(self.logvar_init)
+            self.stats_bias[:, self.vib_dim:].fill_(self.logvar_init)
+
+    def _weights(self):
+        names = ('enc_weight', 'enc_out_weight', 'dec_in_weight', 'dec_weight') if self.is_mlp else ('enc_weight', 'dec_weight')
+        return [getattr(self, n) for n in names]
+
+    def _biases(self):
+        names = ('enc_bias', 'enc_out_bias', 'dec_in_bias', 'dec_bias') if self.is_mlp else ('enc_bias', 'dec_bias')
+        return [getattr(self, n) for n in names]
 
     def init_identity(self, generator: Optional[torch.Generator] = None) -> None:
-        """Init the means as an orthonormal projection and the decoder as its transpose.
-
-        With r >= head_dim and no sampling the bottleneck is then exactly the identity, so a
-        ``vibify``-ed pretrained model starts from the function it had.
+        """Init the means as an orthonormal projection of each head's output and the decoder as its
+        transpose, so that without sampling the bottleneck is the identity whenever it is wide enough:
+        r >= head_dim (linear), and also vib_hidden >= 2 * head_dim for the MLP, whose hidden layer
+        passes a value through as GELU(t) - GELU(-t) = t. Narrower, it is the projection onto the
+        first directions. Used by ``vibify`` so a converted pretrained model starts from its function.
         """
-        H, D, r = self.num_heads, self.head_dim, self.vib_dim
+        H, D, r, h = self.num_heads, self.head_dim, self.vib_dim, self.vib_hidden
+        k = min(r, h // 2) if self.is_mlp else r  # directions carried through
+        if self.is_mlp and k < 1:
+            raise ValueError(f'an identity init needs vib_hidden >= 2, got {h}')
         with torch.no_grad():
-            a = torch.randn(H, max(D, r), max(D, r), generator=generator, dtype=torch.float64)
-            q = torch.linalg.qr(a).Q[:, :D, :r]  # [H, D, r] with orthonormal rows or columns
-            self.enc_weight.zero_()
-            self.enc_weight[:, :, :r].copy_(q)
-            self.dec_weight.copy_(q.transpose(1, 2))
-            self.dec_bias.zero_()
-            self.enc_bias[:, :r].zero_()
-            self.enc_bias[:, r:].fill_(self.logvar_init)
+            a = torch.randn(H, max(D, k), max(D, k), generator=generator, dtype=torch.float64)
+            q = torch.linalg.qr(a).Q[:, :D, :k].to(self.enc_weight.dtype)  # [H, D, k], orthonormal rows or columns
+            for p in self.parameters():
+                p.zero_()
+            if self.is_mlp:
+                eye = torch.eye(k, dtype=q.dtype)
+                self.enc_weight[:, :, :k].copy_(q)             # hidden = [q^T x, -q^T x, 0...]
+                self.enc_weight[:, :, k:2 * k].copy_(-q)
+                self.enc_out_weight[:, :k, :k].copy_(eye)      # mu = GELU(t) - GELU(-t) = t
+                self.enc_out_weight[:, k:2 * k, :k].copy_(-eye)
+                self.dec_in_weight[:, :k, :k].copy_(eye)       # hidden = [z, -z, 0...]
+                self.dec_in_weight[:, :k, k:2 * k].copy_(-eye)
+                self.dec_weight[:, :k].copy_(q.transpose(1, 2))
+                self.dec_weight[:, k:2 * k].copy_(-q.transpose(1, 2))
+            else:
+                self.enc_weight[:, :, :k].copy_(q)
+                self.dec_weight.copy_(q.transpose(1, 2))
+            self.stats_bias[:, r:].fill_(self.logvar_init)
+
+    def encode_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, H, N, width of enc_weight] first-layer outputs (before its bias) -> [B, H, N, 2r] (mu, logvar).
+
+        The fused attention path computes the first layer as part of the value projection."""
+        hidden = hidden + self.enc_bias[:, None]
+        if self.is_mlp:
+            hidden = _per_head(F.gelu(hidden), self.enc_out_weight, self.enc_out_bias)
+        return hidden
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, N, head_dim] attention outputs -> [B, H, N, 2r] encoder outputs."""
-        return torch.einsum('bhnd,hde->bhne', x, self.enc_weight) + self.enc_bias[:, None]
+        return self.encode_hidden(torch.einsum('bhnd,hde->bhne', x, self.enc_weight))
+
+    def decode_hidden(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, H, N, r] latents -> input of the decoder's last layer (z itself when linear)."""
+        return F.gelu(_per_head(z, self.dec_in_weight, self.dec_in_bias)) if self.is_mlp else z
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[B, H, N, r] latents -> [B, H, N, head_dim] decoded head outputs."""
-        return torch.einsum('bhnr,hrd->bhnd', z, self.dec_weight) + self.dec_bias[:, None]
+        return _per_head(self.decode_hidden(z), self.dec_weight, self.dec_bias)
 
     def forward(self, stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, H, N, 2r] encoder outputs -> z, mu, logvar, each [B, H, N, r]."""
@@ -147,25 +231,47 @@ class HeadBottleneck(nn.Module):
         return z, mu, logvar
 
     def extra_repr(self) -> str:
-        return f'num_heads={self.num_heads}, head_dim={self.head_dim}, vib_dim={self.vib_dim}'
+        s = f'num_heads={self.num_heads}, head_dim={self.head_dim}, vib_dim={self.vib_dim}, vib_hidden={self.vib_hidden}'
+        return s + (', small_init_dec=True' if self.small_init_dec else '')
 
 
 class VIBAttention(Attention):
     """timm's multi-head self-attention with a :class:`HeadBottleneck` on each head's output.
 
-    Same constructor as :class:`timm.layers.Attention` plus ``vib_dim`` and ``vib_logvar_init``;
-    same options (qk_norm, scale_norm, gated, masks, causal, fused or explicit attention).
+    Same constructor as :class:`timm.layers.Attention` plus the bottleneck's ``vib_dim``,
+    ``vib_hidden``, ``vib_logvar_init`` and ``vib_small_init_dec``; same options (qk_norm,
+    scale_norm, gated, masks, causal, fused or explicit attention).
     ``forward(x, return_kl=True)`` also returns the KL [B, heads, tokens] in nats (float32).
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, vib_dim: int = 32, vib_logvar_init: float = -6.0, **kwargs):
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            vib_dim: int = 32,
+            vib_logvar_init: float = -6.0,
+            vib_hidden: int = 0,
+            vib_small_init_dec: bool = False,
+            **kwargs,
+    ):
         super().__init__(dim, num_heads=num_heads, **kwargs)
+        self._add_bottleneck(vib_dim, vib_logvar_init, vib_hidden, vib_small_init_dec)
+
+    def _add_bottleneck(self, vib_dim, vib_logvar_init, vib_hidden, vib_small_init_dec) -> None:
         w = self.qkv.weight
         self.vib = HeadBottleneck(
-            self.num_heads, self.head_dim, vib_dim, vib_logvar_init, device=w.device, dtype=w.dtype)
+            self.num_heads, self.head_dim, vib_dim, vib_logvar_init, vib_hidden=vib_hidden,
+            small_init_dec=vib_small_init_dec, device=w.device, dtype=w.dtype)
 
     @classmethod
-    def from_attention(cls, attn: Attention, vib_dim: int = 32, vib_logvar_init: float = -6.0) -> 'VIBAttention':
+    def from_attention(
+            cls,
+            attn: Attention,
+            vib_dim: int = 32,
+            vib_logvar_init: float = -6.0,
+            vib_hidden: int = 0,
+            vib_small_init_dec: bool = False,
+    ) -> 'VIBAttention':
         """Turn a timm ``Attention`` into a ``VIBAttention`` in place, keeping its weights."""
         if isinstance(attn, VIBAttention):
             return attn
@@ -174,8 +280,7 @@ class VIBAttention(Attention):
                 f'only timm.layers.Attention can take a bottleneck, got {type(attn).__name__} '
                 '(its forward differs, so the bottleneck cannot be placed on the head outputs)')
         attn.__class__ = cls
-        w = attn.qkv.weight
-        attn.vib = HeadBottleneck(attn.num_heads, attn.head_dim, vib_dim, vib_logvar_init, device=w.device, dtype=w.dtype)
+        attn._add_bottleneck(vib_dim, vib_logvar_init, vib_hidden, vib_small_init_dec)
         return attn
 
     fold_projections: bool = True  # set False to run the explicit encode / decode reference path
@@ -210,34 +315,32 @@ class VIBAttention(Attention):
         vib = self.vib
         fold = self.can_fold
         if fold:
-            # value projection composed with the encoder: [H * 2r, C]
+            # value projection composed with the encoder's first layer: [H * width, C]
             w_q, w_k, w_v = self.qkv.weight.split(A)
             w_ve = torch.einsum('hdc,hde->hec', w_v.reshape(H, D, C), vib.enc_weight).reshape(-1, C)
             weight, bias = torch.cat([w_q, w_k, w_ve]), None
             if self.qkv.bias is not None:
                 b_q, b_k, b_v = self.qkv.bias.split(A)
                 bias = torch.cat([b_q, b_k, torch.einsum('hd,hde->he', b_v.reshape(H, D), vib.enc_weight).reshape(-1)])
-            q, k, v = F.linear(x, weight, bias).split([A, A, H * 2 * vib.vib_dim], dim=-1)
+            q, k, v = F.linear(x, weight, bias).split([A, A, w_ve.shape[0]], dim=-1)
         else:
             q, k, v = self.qkv(x).split(A, dim=-1)
         q, k, v = (self._split_heads(t, B, N) for t in (q, k, v))
         q, k = self.q_norm(q), self.k_norm(k)
         out = self._attend(q, k, v, attn_mask, is_causal)
 
-        if fold:
-            stats = out + vib.enc_bias[:, None]
-        else:
-            stats = vib.encode(out)
+        # the first encoder layer's bias comes after attention (exact even under attention dropout)
+        stats = vib.encode_hidden(out) if fold else vib.encode(out)
         z, mu, logvar = vib(stats)
 
         if fold:
-            # decoder composed with the output projection: [C, H * r]
+            # decoder's last layer composed with the output projection: [C, H * width]
             w_p = self.proj.weight
-            w_out = torch.einsum('chd,hrd->chr', w_p.reshape(-1, H, D), vib.dec_weight).reshape(w_p.shape[0], -1)
+            w_out = torch.einsum('chd,hed->che', w_p.reshape(-1, H, D), vib.dec_weight).reshape(w_p.shape[0], -1)
             b_out = w_p @ vib.dec_bias.reshape(-1)
             if self.proj.bias is not None:
                 b_out = b_out + self.proj.bias
-            x_out = F.linear(z.transpose(1, 2).reshape(B, N, -1), w_out, b_out)
+            x_out = F.linear(vib.decode_hidden(z).transpose(1, 2).reshape(B, N, -1), w_out, b_out)
         else:
             gate = self.gate(x).sigmoid() if self.gate is not None else None
             x_out = self.norm(vib.decode(z).transpose(1, 2).reshape(B, N, A))
@@ -257,18 +360,28 @@ class VIBBlock(Block):
     ``forward_intermediates`` work); ``forward(x, return_kl=True)`` returns (tokens, kl [B, heads, N]).
     """
 
-    def __init__(self, dim: int, num_heads: int, vib_dim: int = 32, vib_logvar_init: float = -6.0, **kwargs):
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            vib_dim: int = 32,
+            vib_logvar_init: float = -6.0,
+            vib_hidden: int = 0,
+            vib_small_init_dec: bool = False,
+            **kwargs,
+    ):
         super().__init__(dim, num_heads, **kwargs)
-        VIBAttention.from_attention(self.attn, vib_dim, vib_logvar_init)
+        VIBAttention.from_attention(self.attn, vib_dim, vib_logvar_init, vib_hidden, vib_small_init_dec)
 
     @classmethod
-    def from_block(cls, block: Block, vib_dim: int = 32, vib_logvar_init: float = -6.0) -> 'VIBBlock':
-        """Turn a timm ``Block`` into a ``VIBBlock`` in place, keeping its weights."""
+    def from_block(cls, block: Block, **vib_args: Any) -> 'VIBBlock':
+        """Turn a timm ``Block`` into a ``VIBBlock`` in place, keeping its weights (``vib_args``: those
+        of :meth:`VIBAttention.from_attention`)."""
         if isinstance(block, VIBBlock):
             return block
         if type(block) is not Block:
             raise TypeError(f'only timm Block can take a bottleneck, got {type(block).__name__}')
-        VIBAttention.from_attention(block.attn, vib_dim, vib_logvar_init)
+        VIBAttention.from_attention(block.attn, **vib_args)
         block.__class__ = cls
         return block
 
@@ -367,6 +480,12 @@ class VIBMixin:
     def vib_dim(self) -> Optional[int]:
         b = self.bottlenecks()
         return b[0].vib_dim if b else None
+
+    @property
+    def vib_hidden(self) -> Optional[int]:
+        """Hidden width of the bottlenecks' encoder / decoder MLPs (0: linear; None: no bottleneck)."""
+        b = self.bottlenecks()
+        return b[0].vib_hidden if b else None
 
     @property
     def stochastic_eval(self) -> bool:
@@ -477,6 +596,15 @@ class VIBMixin:
                 raise ValueError(
                     f'this state dict has information bottleneck weights (".attn.vib.*") but {self._name()} '
                     f'(attn_mode={self.attn_mode!r}) has none: it belongs to a vit_tiny_vib model')
+            mlp_mine = any(k.endswith('.vib.enc_out_weight') for k, _ in self.named_parameters())
+            mlp_theirs = any(k.endswith('.vib.enc_out_weight') for k in state_dict)
+            if mine and theirs and mlp_mine != mlp_theirs:
+                layout = 'MLP encoders / decoders' if mlp_theirs else 'linear encoders / decoders (vib_hidden=0)'
+                raise ValueError(
+                    f'this state dict has bottlenecks with {layout} but {self._name()} was built with '
+                    f'vib_hidden={self.vib_hidden}: create the model with '
+                    + ('vib_hidden=<the hidden width it was trained with>' if mlp_theirs else 'vib_hidden=0')
+                    + ' (timm_vib 0.1 checkpoints are linear)')
             has_attn = any('.attn.' in k for k, _ in self.named_parameters())
             if not has_attn and any('.attn.' in k for k in state_dict):
                 raise ValueError(
@@ -491,9 +619,13 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
     Args:
         beta: information cost (>= 0) that training multiplies the information loss by.
         vib_dim: latent size r of every head's bottleneck.
+        vib_hidden: hidden width of each head's encoder and decoder MLP (one GELU layer each, the
+            architecture of the paper's published runs: 64); 0 makes them linear.
         attn_mode: ``'vib'`` bottlenecked attention; ``'none'`` MLP-only blocks (zero communication);
             ``'plain'`` timm's attention unchanged (no bottleneck, no KL).
         vib_logvar_init: initial log-variance bias of the posteriors.
+        vib_small_init_dec: start every decoder's last layer near zero (the reference code's
+            ``small_init_dec``): the model starts as independent patches.
         stochastic_eval: sample z in eval mode too (default: the posterior mean).
         **kwargs: timm ``VisionTransformer`` arguments, passed straight through.
     """
@@ -502,8 +634,10 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
             self,
             beta: float = 1.0,
             vib_dim: int = 32,
+            vib_hidden: int = 64,
             attn_mode: Literal['vib', 'none', 'plain'] = 'vib',
             vib_logvar_init: float = -6.0,
+            vib_small_init_dec: bool = False,
             stochastic_eval: bool = False,
             **kwargs: Any,
     ) -> None:
@@ -511,10 +645,13 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
             raise ValueError(f'attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}')
         beta = _check_beta(beta)
         vib_dim = _check_vib_dim(vib_dim)
+        vib_hidden = _check_vib_hidden(vib_hidden)
         if attn_mode == 'vib':
             if 'block_fn' in kwargs:
                 raise ValueError('block_fn is set by attn_mode; use timm_vib.vibify for other block types')
-            kwargs['block_fn'] = partial(VIBBlock, vib_dim=vib_dim, vib_logvar_init=vib_logvar_init)
+            kwargs['block_fn'] = partial(
+                VIBBlock, vib_dim=vib_dim, vib_logvar_init=vib_logvar_init, vib_hidden=vib_hidden,
+                vib_small_init_dec=vib_small_init_dec)
         elif attn_mode == 'none':
             kwargs['block_fn'] = MlpBlock
         super().__init__(**kwargs)
@@ -534,14 +671,19 @@ def vibify(
         vib_logvar_init: float = -6.0,
         init: Literal['identity', 'random'] = 'identity',
         seed: int = 0,
+        vib_hidden: int = 0,
+        vib_small_init_dec: bool = False,
 ) -> VisionTransformer:
     """Put a Gaussian bottleneck on every attention head of a timm VisionTransformer, in place.
 
     Every other weight is kept. With ``init='identity'`` the means start as an orthonormal
-    projection of each head's output and the decoder as its transpose, so with vib_dim >= head_dim
-    the model in eval mode computes exactly what it computed before (up to float rounding);
-    ``init='random'`` uses the from-scratch init. The model gains ``beta``,
-    ``model(x, return_kl=True)``, ``stochastic_eval`` and bottleneck-aware ``no_weight_decay``.
+    projection of each head's output and the decoder as its transpose, so a wide enough bottleneck
+    (vib_dim >= head_dim, and vib_hidden 0 or >= 2 * head_dim) computes in eval mode exactly what the
+    model computed before (up to float rounding); ``init='random'`` uses the from-scratch init.
+    ``vib_hidden`` defaults to linear encoders / decoders here (the registered ``vit_tiny_vib*``
+    models use the paper's MLPs of 64) because a pretrained model should start from its own function.
+    The model gains ``beta``, ``model(x, return_kl=True)``, ``stochastic_eval`` and bottleneck-aware
+    ``no_weight_decay``.
 
     Returns the same model object (its class becomes a VIB subclass of its class).
     """
@@ -550,13 +692,16 @@ def vibify(
     if getattr(model, 'attn_mode', None) == 'none':
         raise ValueError('cannot vibify an attention-free model (attn_mode="none"): it has no heads to bottleneck')
     beta = _check_beta(beta)
-    vib_dim = _check_vib_dim(vib_dim)
+    vib_args = dict(vib_dim=_check_vib_dim(vib_dim), vib_logvar_init=vib_logvar_init,
+                    vib_hidden=_check_vib_hidden(vib_hidden), vib_small_init_dec=vib_small_init_dec)
     if init not in ('identity', 'random'):
         raise ValueError(f"init must be 'identity' or 'random', got {init!r}")
+    if init == 'identity' and vib_args['vib_hidden'] == 1:
+        raise ValueError("init='identity' needs vib_hidden 0 or >= 2 (a hidden layer of 1 cannot pass a value through)")
     generator = torch.Generator().manual_seed(seed)
     for blk in model.blocks:
         fresh = not isinstance(blk, VIBBlock)
-        VIBBlock.from_block(blk, vib_dim, vib_logvar_init)
+        VIBBlock.from_block(blk, **vib_args)
         if fresh and init == 'identity':
             blk.attn.vib.init_identity(generator)
     cls = type(model)
@@ -581,9 +726,50 @@ def name_for_beta(beta: float) -> str:
     return 'vit_tiny_vib_b' + f'{_check_beta(beta):g}'.replace('.', 'p')
 
 
+_REFERENCE_IB = re.compile(r'^blocks\.(\d+)\.attn\.ib\.(enc|dec)_list\.(\d+)\.(?:(\d+)\.)?(weight|bias)$')
+
+
+def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A state dict of the paper's reference code (murphyka/vit_ib ``ViTWithHeadIB``) in this layout.
+
+    The reference wraps a class-token timm ViT (``vit.*``, its blocks also listed again under
+    ``blocks.N.blk.*``) and keeps one ``nn.Linear`` or ``nn.Sequential(Linear, GELU, Linear)`` per
+    head (``...attn.ib.enc_list.H`` / ``dec_list.H``). Here the per-head layers are stacked and
+    transposed to [heads, in, out], the class-token position of ``pos_embed`` (which the reference
+    skips) and the unused ``cls_token`` are dropped. Other state dicts are returned unchanged.
+    """
+    if not any(k.startswith('vit.') for k in state_dict) or not any('.attn.ib.' in k for k in state_dict):
+        return dict(state_dict)
+    out: Dict[str, torch.Tensor] = {}
+    per_head: Dict[Tuple[int, str, str], Dict[int, torch.Tensor]] = {}
+    # (side, index in the per-head Sequential, None when the head's layer is a single Linear) -> our name
+    names = {('enc', '0'): 'enc', ('enc', '2'): 'enc_out', ('dec', '0'): 'dec_in', ('dec', '2'): 'dec',
+             ('enc', None): 'enc', ('dec', None): 'dec'}
+    for key, value in state_dict.items():
+        if not key.startswith('vit.'):
+            continue  # blocks.N.blk.* repeat the vit.blocks tensors
+        key = key[4:]
+        m = _REFERENCE_IB.match(key)
+        if m:
+            layer, side, head, idx, kind = m.groups()
+            name = names[(side, idx)]
+            per_head.setdefault((int(layer), f'{name}_{kind}', kind), {})[int(head)] = value
+        elif key == 'cls_token':
+            continue
+        elif key == 'pos_embed':
+            out[key] = value[:, 1:]  # the reference adds pos_embed[:, 1:]: no class token in its forward
+        else:
+            out[key.replace('.attn.ib.', '.attn.vib.')] = value
+    for (layer, name, kind), heads in per_head.items():
+        stacked = torch.stack([heads[h] for h in sorted(heads)])
+        out[f'blocks.{layer}.attn.vib.{name}'] = stacked.transpose(1, 2) if kind == 'weight' else stacked
+    return out
+
+
 def _filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformerVIB) -> Dict[str, torch.Tensor]:
     state_dict = state_dict.get('model', state_dict)
     state_dict = state_dict.get('state_dict', state_dict)
+    state_dict = convert_reference_state_dict(state_dict)
     # only the ViT pos_embed / patch resampling of timm's filter; the vib weights pass through as they are
     return checkpoint_filter_fn(state_dict, model)
 
