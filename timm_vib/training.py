@@ -106,6 +106,10 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help='continue from the latest checkpoint in OUTPUT/checkpoints (or the one given)')
     g.add_argument('--checkpoint-every', type=int, default=0, help='also save a checkpoint every N optimizer steps')
     g.add_argument('--keep-checkpoints', type=int, default=2, help='keep the latest K checkpoints')
+    g.add_argument('--eval-z', choices=('sample', 'mean'), default='sample',
+                   help="validation of bottlenecked models: sample z as in training (the reference code's "
+                        "validation, and the paper's numbers) or feed the decoders the posterior mean, which MLP "
+                        "decoders trained on noisy z never saw (see docs/spectrum.md)")
     g.add_argument('--stochastic-eval', type=int, default=0, metavar='K',
                    help='also report mean and std over K validation passes that sample z (after the last epoch)')
     g.add_argument('--stochastic-eval-every', type=int, default=0, metavar='N',
@@ -525,7 +529,7 @@ def train(args: argparse.Namespace) -> Path:
             # 8. End of epoch: gather train metrics, validate, log, checkpoint
             loss_sum, ce_sum, correct, count = accelerator.reduce(sums.to(accelerator.device), 'sum').tolist()
             beta_epoch = beta_at(beta, max(state['step'] - 1, 0), beta_warmup_updates, args.beta_schedule)
-            val = evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction)
+            val = evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction, stochastic=args.eval_z == 'sample')
             row = {'epoch': epoch + 1, 'step': state['step'], 'lr': optimizer.param_groups[0]['lr'], 'beta': beta_epoch,
                    'train_loss': loss_sum / count, 'train_ce': ce_sum / count, 'train_top1': 100 * correct / count, **val}
             every = args.stochastic_eval_every
@@ -558,6 +562,7 @@ def train(args: argparse.Namespace) -> Path:
         summary = {
             'model': args.model, 'architecture': arch, 'beta': beta, 'attn_mode': attn_mode,
             'kl_reduction': args.kl_reduction, 'beta_schedule': args.beta_schedule,
+            'eval_z': args.eval_z if attn_mode == 'vib' else None,
             'beta_warmup_epochs': args.beta_warmup_epochs, 'dataset': spec.name, 'num_classes': spec.num_classes,
             'img_size': img_size, 'patch_size': int(pe.patch_size[0]) if pe is not None else None,
             'depth': len(blocks), 'num_heads': getattr(net, 'blocks', [None])[0].attn.num_heads
