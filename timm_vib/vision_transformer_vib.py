@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
@@ -330,6 +330,7 @@ class VIBAttention(MapAttention):
         # the encoder composes with the value projection and the decoder with the output projection
         # unless a norm or gate sits between the head outputs and ``proj``
         self.foldable = isinstance(self.norm, nn.Identity) and self.gate is None
+        self.fold_projections = True  # set False to run the explicit encode / decode reference path
 
     @classmethod
     def from_attention(
@@ -351,7 +352,6 @@ class VIBAttention(MapAttention):
         attn._add_bottleneck(vib_dim, vib_logvar_init, vib_hidden, vib_small_init_dec)
         return attn
 
-    fold_projections: bool = True  # set False to run the explicit encode / decode reference path
     __jit_unused_properties__ = ['can_fold']
 
     @property
@@ -542,12 +542,42 @@ class MlpBlock(nn.Module):
         return self.forward(x), x.new_zeros(x.shape[0], self.num_heads, x.shape[1], dtype=torch.float32)
 
 
+def _traced_flag(return_kl: Any) -> bool:
+    """``return_kl`` as a Python bool. FX makes every argument a graph input (a Proxy): the traced graph
+    is the logits path, with an assert node that refuses ``return_kl=True`` when the graph is called."""
+    if isinstance(return_kl, torch.fx.Proxy):
+        torch._assert(
+            return_kl == False,  # noqa: E712 (a graph node, not a Python comparison)
+            'this FX graph of a timm_vib model computes logits only; call the model itself with return_kl=True')
+        return False
+    return bool(return_kl)
+
+
+@register_notrace_function  # (FX autowraps only names without a leading underscore)
+def check_image_batch(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], fixed_size: bool, name: str) -> None:
+    """Raise a ValueError naming the problem if ``x`` is not a batch of ``in_chans``-channel images of the
+    size the model was built for. Called eagerly even inside an FX graph (a notrace function: symbolic
+    tracing cannot branch on shapes), skipped by TorchScript, where timm's patch embedding asserts."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f'{name} expects images [batch, channels, height, width], got {shape}')
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f'{name} expects {in_chans} input channels (NCHW), got {x.shape[1]} in an input of shape {tuple(x.shape)}')
+    if fixed_size and tuple(x.shape[-2:]) != tuple(img_size):
+        raise ValueError(
+            f'{name} was built for {img_size[0]}x{img_size[1]} images, got {x.shape[-2]}x{x.shape[-1]}; resize the '
+            f'input, or create the model with img_size={x.shape[-2]} (or dynamic_img_size=True)')
+
+
 class VIBMixin:
     """What a VisionTransformer gains from bottlenecks: ``beta``, ``return_kl`` and clear errors.
 
     Mixed into :class:`VisionTransformerVIB`, and into the class of a model that :func:`vibify` converts.
     """
     attn_mode: str = 'vib'
+    # Python-side conveniences that TorchScript need not compile
+    __jit_unused_properties__ = ['beta', 'has_bottleneck', 'vib_dim', 'vib_hidden', 'stochastic_eval']
 
     @property
     def beta(self) -> float:
@@ -606,57 +636,69 @@ class VIBMixin:
         names |= {n for n, _ in self.named_parameters() if '.vib.' in n}
         return names
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f'{self._name()} expects images [batch, channels, height, width], got {shape}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'{self._name()} expects {self.in_chans} input channels (NCHW), got {x.shape[1]} '
-                f'in an input of shape {tuple(x.shape)}')
-        pe = self.patch_embed
-        if not self.dynamic_img_size and getattr(pe, 'strict_img_size', False) and not getattr(pe, 'dynamic_img_pad', False):
-            if tuple(x.shape[-2:]) != tuple(pe.img_size):
-                raise ValueError(
-                    f'{self._name()} was built for {pe.img_size[0]}x{pe.img_size[1]} images, got '
-                    f'{x.shape[-2]}x{x.shape[-1]}; resize the input, or create the model with '
-                    f'img_size={x.shape[-2]} (or dynamic_img_size=True)')
-
-    def _run_blocks(self, x, attn_mask, is_causal, return_kl):
-        if not return_kl and attn_mask is None and not is_causal:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                return checkpoint_seq(self.blocks, x), None
-            return self.blocks(x), None
+    def _run_blocks_kl(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         kls = []
         for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                out = checkpoint(blk, x, attn_mask, is_causal, return_kl, use_reentrant=False)
+            if self.grad_checkpointing:
+                x, kl = checkpoint(blk.forward_kl, x, attn_mask, is_causal, use_reentrant=False)
             else:
-                out = blk(x, attn_mask=attn_mask, is_causal=is_causal, return_kl=return_kl)
-            x, kl = out if return_kl else (out, None)
+                x, kl = blk.forward_kl(x, attn_mask=attn_mask, is_causal=is_causal)
             kls.append(kl)
-        return x, (torch.stack(kls, dim=1) if return_kl else None)
+        return x, torch.stack(kls, dim=1)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            # a leaf for FX (register_notrace_function): the eager checks and messages survive tracing
+            check_image_batch(x, self.in_chans, self.patch_embed.img_size, self._fixed_img_size(), self._name())
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    @torch.jit.unused
+    def _fixed_img_size(self) -> bool:
+        pe = self.patch_embed
+        return (not self.dynamic_img_size and getattr(pe, 'strict_img_size', False)
+                and not getattr(pe, 'dynamic_img_pad', False))
 
     def forward_features(
             self,
             x: torch.Tensor,
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
-            return_kl: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Images [B, C, H, W] -> normed tokens [B, N, embed_dim] (and kl [B, depth, heads, N] in nats)."""
-        if return_kl and self.attn_mode == 'plain':
+    ) -> torch.Tensor:
+        """Images [B, C, H, W] -> normed tokens [B, N, embed_dim], as timm's ViT."""
+        x = self._embed(x)
+        if attn_mask is not None or is_causal:
+            for blk in self.blocks:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    @torch.jit.unused
+    def forward_features_kl(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, C, H, W] -> normed tokens [B, N, embed_dim] and kl [B, depth, heads, N] (float32, nats).
+        Eager / FX / torch.compile only (a scripted model runs ``forward(x)``)."""
+        if self.attn_mode == 'plain':
             raise ValueError(
                 f'{self._name()} has no information bottleneck (attn_mode={self.attn_mode!r}): its attention '
                 'writes are unrestricted, so there is no KL to return; call model(x) without return_kl')
-        self._check_input(x)
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        x, kl = self._run_blocks(x, attn_mask, is_causal, return_kl)
-        x = self.norm(x)
-        return (x, kl) if return_kl else x
+        x = self._embed(x)
+        x, kl = self._run_blocks_kl(x, attn_mask, is_causal)
+        return self.norm(x), kl
 
     def forward(
             self,
@@ -667,10 +709,12 @@ class VIBMixin:
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Images [B, C, H, W] -> logits [B, classes]; with ``return_kl`` also kl [B, depth, heads, tokens]
         float32 in nats (zeros for the attention-free model; an error for a model without bottleneck)."""
-        out = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal, return_kl=return_kl)
-        x, kl = out if return_kl else (out, None)
-        x = self.forward_head(x)
-        return (x, kl) if return_kl else x
+        if not torch.jit.is_scripting():
+            return_kl = _traced_flag(return_kl)
+        if return_kl:
+            x, kl = self.forward_features_kl(x, attn_mask=attn_mask, is_causal=is_causal)
+            return self.forward_head(x), kl
+        return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         if strict:
