@@ -45,6 +45,10 @@ __all__ = [
 
 ATTN_MODES = ('vib', 'none', 'plain')
 
+# leaves of plain torch.fx.symbolic_trace too (timm's tracers know them already)
+torch.fx.wrap('maybe_add_mask')
+torch.fx.wrap('resolve_self_attn_mask')
+
 
 def _check_beta(beta: float) -> float:
     try:
@@ -553,21 +557,28 @@ def _traced_flag(return_kl: Any) -> bool:
     return bool(return_kl)
 
 
-@register_notrace_function  # (FX autowraps only names without a leading underscore)
-def check_image_batch(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int], fixed_size: bool, name: str) -> None:
-    """Raise a ValueError naming the problem if ``x`` is not a batch of ``in_chans``-channel images of the
-    size the model was built for. Called eagerly even inside an FX graph (a notrace function: symbolic
-    tracing cannot branch on shapes), skipped by TorchScript, where timm's patch embedding asserts."""
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f'{name} expects images [batch, channels, height, width], got {shape}')
+@torch.fx.wrap
+@register_notrace_function  # (timm's tracers autowrap only names without a leading underscore)
+def check_image_batch(
+        x: torch.Tensor, in_chans: int, img_size: Optional[Tuple[int, int]], fixed_size: bool, name: str,
+) -> torch.Tensor:
+    """``x`` itself if it is a batch of ``in_chans``-channel images of the size the model was built for,
+    else a ValueError naming the problem. A leaf of FX graphs (symbolic tracing cannot branch on shapes),
+    so a traced model checks its input eagerly with the same messages; it returns ``x`` so that the graph
+    keeps it on the data path. Scriptable, for FX graphs that are scripted."""
+    if not torch.jit.is_scripting():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f'{name} expects images [batch, channels, height, width], got {type(x).__name__}')
+    if x.dim() != 4:
+        raise ValueError(f'{name} expects images [batch, channels, height, width], got shape {list(x.shape)}')
     if x.shape[1] != in_chans:
         raise ValueError(
-            f'{name} expects {in_chans} input channels (NCHW), got {x.shape[1]} in an input of shape {tuple(x.shape)}')
-    if fixed_size and tuple(x.shape[-2:]) != tuple(img_size):
+            f'{name} expects {in_chans} input channels (NCHW), got {x.shape[1]} in an input of shape {list(x.shape)}')
+    if fixed_size and img_size is not None and (x.shape[-2] != img_size[0] or x.shape[-1] != img_size[1]):
         raise ValueError(
             f'{name} was built for {img_size[0]}x{img_size[1]} images, got {x.shape[-2]}x{x.shape[-1]}; resize the '
             f'input, or create the model with img_size={x.shape[-2]} (or dynamic_img_size=True)')
+    return x
 
 
 class VIBMixin:
@@ -654,7 +665,7 @@ class VIBMixin:
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             # a leaf for FX (register_notrace_function): the eager checks and messages survive tracing
-            check_image_batch(x, self.in_chans, self.patch_embed.img_size, self._fixed_img_size(), self._name())
+            x = check_image_batch(x, self.in_chans, self.patch_embed.img_size, self._fixed_img_size(), self._name())
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -788,6 +799,8 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
                 vib_small_init_dec=vib_small_init_dec)
         elif attn_mode == 'none':
             kwargs['block_fn'] = MlpBlock
+        else:
+            kwargs.setdefault('attn_layer', MapAttention)
         super().__init__(**kwargs)
         self.attn_mode = attn_mode
         self.beta = beta
