@@ -271,3 +271,26 @@ def test_log_beta_schedule_and_sqrt_reduction_are_recorded(tmp_path):
     s = json.loads((out / 'summary.json').read_text())
     assert (s['beta_schedule'], s['kl_reduction'], s['vib_hidden']) == ('log', 'sqrt', 64)
     assert math.isfinite(rows[-1]['val_loss'])
+
+
+def test_evaluate_restores_the_callers_stochastic_eval():
+    from accelerate import Accelerator
+    import timm
+    from timm_vib.training import evaluate
+    m = timm.create_model('vit_tiny_vib', img_size=16, patch_size=8, depth=1, num_classes=3)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    acc = Accelerator(cpu=True)
+    for callers in (True, False):
+        for stochastic in (True, False):
+            m.stochastic_eval = callers
+            res = evaluate(m, [(x, y)], acc, beta=1.0, stochastic=stochastic)
+            assert res['val_count'] == 4 and m.stochastic_eval == callers
+
+    def broken():
+        assert m.stochastic_eval  # evaluate set the sampling it was asked for
+        yield x, y
+        raise RuntimeError('loader failed')
+    m.stochastic_eval = False
+    with pytest.raises(RuntimeError, match='loader failed'):
+        evaluate(m, broken(), acc, beta=1.0, stochastic=True)
+    assert m.stochastic_eval is False
