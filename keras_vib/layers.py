@@ -27,11 +27,12 @@ def gaussian_kl(mu, logvar):
     """KL(N(mu, exp(logvar)) || N(0, I)) in nats, summed over the last (latent) axis, float32.
 
     mu, logvar: [..., r] -> [...]. float32 whatever the compute dtype, as on the timm side: in half
-    precision exp(logvar) - 1 - logvar loses the small values.
+    precision exp(logvar) - 1 - logvar loses the small values. expm1(logvar) - logvar, not
+    exp(logvar) - 1 - logvar: near logvar = 0 the latter cancels to about -1e-6 in float32.
     """
     mu = ops.cast(mu, 'float32')
     logvar = ops.cast(logvar, 'float32')
-    return 0.5 * ops.sum(ops.exp(logvar) + ops.square(mu) - 1.0 - logvar, axis=-1)
+    return 0.5 * ops.sum(ops.expm1(logvar) - logvar + ops.square(mu), axis=-1)
 
 
 def _as_pair(v: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:

@@ -95,3 +95,23 @@ def test_capture_keeps_gradients_when_asked():
         m(x)
     rec.mu.sum().backward()
     assert m.blocks[0].attn.vib.enc_weight.grad is not None
+
+
+@pytest.mark.parametrize('return_kl', [False, True])
+def test_gradient_checkpointing_records_each_layer_once(return_kl):
+    """Non-reentrant checkpointing runs every block again in backward; the record keeps one entry per layer,
+    and the same values and gradients as without checkpointing."""
+    x = images()
+    results = []
+    for checkpointing in (False, True):
+        m = small(vib_dim=8)
+        m.set_grad_checkpointing(checkpointing)
+        with capture(m, attention=True, inputs=True, detach=False) as rec:
+            out = m(x, return_kl=True) if return_kl else m(x)
+            logits = out[0] if return_kl else out
+            logits.square().mean().backward()
+            assert rec.mu.shape == (2, 2, 3, 16, 8) and rec.inputs.shape == (2, 2, 16, 192)
+            assert rec.attention.shape == (2, 2, 3, 16, 16)
+            results.append((rec.mu.detach(), rec.attention.detach(), m.blocks[0].attn.qkv.weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

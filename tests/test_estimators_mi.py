@@ -148,3 +148,20 @@ def test_bad_input():
         normalized_mutual_information(mu, torch.zeros(10, 3), mu[:9], torch.zeros(9, 3))
     with pytest.raises(ValueError, match=r'\[L, r\]'):
         mutual_information(mu[None], torch.zeros(1, 10, 3))
+
+
+def test_nmi_of_a_head_without_information_is_nan_with_a_warning():
+    """A head whose posterior ignores the input has I(X;U) = I(U;U') = 0: NMI = 0/0 is undefined, not a
+    huge number from a clamped denominator. An informative pair next to it keeps a finite NMI."""
+    L = 40
+    g = torch.Generator().manual_seed(0)
+    silent = (torch.randn(1, 2, generator=g).expand(L, 2), torch.zeros(L, 2))
+    loud = (torch.randn(L, 2, generator=g) * 3, torch.full((L, 2), -2.0))
+    loud2 = (loud[0] + 0.1 * torch.randn(L, 2, generator=g), loud[1])
+    with pytest.warns(RuntimeWarning, match='undefined'):
+        est = normalized_mutual_information(*silent, *loud, n_samples=2000)
+    assert math.isnan(est.value)
+    with pytest.warns(RuntimeWarning, match='undefined'):
+        mat = nmi_matrix([silent, loud, loud2], n_samples=2000)
+    assert torch.isnan(mat.value[0, 1]) and torch.isnan(mat.value[0, 2]) and torch.isnan(mat.value[1, 0])
+    assert 0.5 < float(mat.value[1, 2]) <= 1.05

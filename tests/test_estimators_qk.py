@@ -117,3 +117,63 @@ def test_bad_input():
         qk_maps(m, torch.randn(1, 3, 32, 32), layer=0, head=0, mode=64)
     with pytest.raises(ValueError, match='no attention'):
         qk_svd(small('vit_tiny_noattn'))
+
+
+def test_layer_weighted_mean_normalises_within_heads_as_the_authors():
+    """Independent re-implementation of DissectingViT's cosine_similarity.ipynb: numpy SVD of each head's
+    full embed x embed M, first head_dim modes, S / S.sum(head), mean over modes and heads of S * cos."""
+    import numpy as np
+    m = small('vit_tiny_gap')
+    with torch.no_grad():  # head 0 of every layer 100x larger: it must not dominate
+        for blk in m.blocks:
+            blk.attn.qkv.weight[:64].mul_(100.0)
+    svd = qk_svd(m)
+    theirs = []
+    for blk in m.blocks:
+        q, k = (t.double().numpy() for t in qk_rows(blk.attn))
+        per_head = []
+        for h in range(3):
+            U, S, Vt = np.linalg.svd(q[h * 64:(h + 1) * 64].T @ k[h * 64:(h + 1) * 64])
+            U, S, Vt = U[:, :64], S[:64], Vt[:64]
+            cos = np.einsum('ki,ki->k', U.T, Vt)  # as the notebook: rows of U^T . rows of Vt
+            per_head.append(cos * S / S.sum())
+        theirs.append(np.mean(per_head))
+    torch.testing.assert_close(svd.layer_weighted_mean / 64, torch.tensor(theirs, dtype=torch.float32), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(svd.layer_weighted_mean, svd.head_weighted_mean.mean(-1))
+    # scaling one head changes the pooled mean (its weights dominate) but not the per-head one
+    ref = qk_svd(small('vit_tiny_gap'))
+    torch.testing.assert_close(svd.layer_weighted_mean, ref.layer_weighted_mean, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(svd.layer_pooled_weighted_mean, ref.layer_pooled_weighted_mean, atol=1e-3)
+    torch.testing.assert_close(svd.layer_pooled_weighted_mean, svd.head_weighted_mean[:, 0], rtol=0, atol=1e-3)
+
+
+def test_folded_maps_project_the_tokens_before_the_gain():
+    """With the gain folded into M, the modes reconstruct the bias-free logits from the tokens before
+    norm1's affine map; the maps project exactly those (LayerNorm without affine of the block input)."""
+    m = small('vit_tiny_gap')
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.norm1.weight.copy_(torch.rand(192) * 2 + 0.5)
+            blk.norm1.bias.copy_(torch.randn(192) * 0.1)
+    plain, folded = qk_svd(m), qk_svd(m, fold_norm_scale=True)
+    assert folded.norm_scale_folded and not plain.norm_scale_folded
+    x = torch.randn(3, 3, 32, 32)
+    residual = []
+    hook = m.blocks[1].norm1.register_forward_pre_hook(lambda mod, args: residual.append(args[0]))
+    with torch.no_grad():
+        qm, km = qk_maps(m, x, layer=1, head=0, mode=2, svd=folded)
+        qp, _ = qk_maps(m, x, layer=1, head=0, mode=2, svd=plain)
+    hook.remove()
+    xhat = torch.nn.functional.layer_norm(residual[0], (192,))  # no gain, no bias
+    torch.testing.assert_close(qm.reshape(3, 16), xhat @ folded.u[1, 0, :, 2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(km.reshape(3, 16), xhat @ folded.v[1, 0, :, 2], rtol=1e-4, atol=1e-4)
+    y = m.blocks[1].norm1(residual[0])
+    torch.testing.assert_close(qp.reshape(3, 16), y @ plain.u[1, 0, :, 2], rtol=1e-4, atol=1e-4)
+    # the folded modes pair with xhat: sum_k s_k (xhat u_k)(xhat v_k) = (g xhat)^T W_q^T W_k (g xhat)
+    q, k = qk_rows(m.blocks[1].attn)
+    gx = (xhat * m.blocks[1].norm1.weight).double()
+    logits = (gx @ q[:64].double().T) @ (gx @ k[:64].double().T).transpose(-1, -2)
+    xu = xhat.double() @ folded.u[1, 0].double()
+    xv = xhat.double() @ folded.v[1, 0].double()
+    modes = (xu * folded.singular_values[1, 0].double()) @ xv.transpose(-1, -2)
+    torch.testing.assert_close(modes, logits, rtol=1e-3, atol=1e-3)

@@ -525,3 +525,16 @@ def test_name_for_beta_inverts_beta_from_name():
     assert timm_vib.beta_from_name(timm_vib.name_for_beta(2.5)) == 2.5
     with pytest.raises(ValueError, match='beta'):
         timm_vib.name_for_beta(-1)
+
+
+def test_kl_of_nearly_collapsed_heads_is_nonnegative_and_accurate_in_float32():
+    """Log-variances within 1e-3 of 0 and zero means: the float64 closed form is >= 0 and ~ lv^2 / 4 per
+    dimension; exp(lv) - 1 - lv in float32 would cancel to negative values for many of them."""
+    lv = torch.randn(4096, 8, generator=torch.Generator().manual_seed(0)) * 1e-3
+    mu = torch.zeros_like(lv)
+    expected = 0.5 * (torch.expm1(lv.double()) - lv.double()).sum(-1)
+    kl = gaussian_kl(mu, lv)
+    assert kl.dtype == torch.float32 and (kl >= 0).all()
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-3, atol=1e-12)
+    # the same through autocast's half precision inputs
+    assert (gaussian_kl(mu.bfloat16(), lv.bfloat16()) >= 0).all()

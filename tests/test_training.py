@@ -4,6 +4,7 @@ import gzip
 import math
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from timm_vib.checkpoints import load_model
-from timm_vib.data import build_datasets, load_run_dataset, read_idx, write_idx
+from timm_vib.data import build_datasets, load_run_dataset, read_class_list, read_idx, write_idx
 from timm_vib.training import parse_args, run_sweep, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,14 +185,18 @@ def test_image_folder_with_class_list(tmp_path, monkeypatch):
     sets, spec = build_datasets(str(tmp_path / 'in'), 16, class_list=str(tmp_path / 'two.txt'))
     assert spec.classes == ['n03', 'n01'] and len(sets['train']) == 4 and len(sets['val']) == 4
     assert sorted({y for _, y in sets['val']}) == [0, 1]
-    # imagenet100: read from the cache when present (no network in tests)
-    shared = Path('/work/shared/data/imagenet100.txt')
+    # imagenet100: the shipped list, read without any network access
+    def offline(*args, **kwargs):
+        raise AssertionError('the ImageNet-100 list must not be fetched')
+    monkeypatch.setattr('urllib.request.urlopen', offline)
+    ids = read_class_list('imagenet100')
+    assert len(ids) == len(set(ids)) == 100 and all(re.fullmatch(r'n\d{8}', i) for i in ids)
+    assert ids[:2] == ['n02869837', 'n01749939']  # the published order (bonnet, green mamba)
+    shared = Path('/work/shared/data/imagenet100.txt')  # the list as published, where this checkout has it
     if shared.is_file():
-        monkeypatch.setenv('TIMM_VIB_CACHE', str(tmp_path / 'cache'))
-        (tmp_path / 'cache').mkdir()
-        (tmp_path / 'cache' / 'imagenet100.txt').write_text(shared.read_text())
-        with pytest.raises(ValueError, match='lacks 100 class'):
-            build_datasets(str(tmp_path / 'in'), 16, class_list='imagenet100')
+        assert ids == shared.read_text().split()
+    with pytest.raises(ValueError, match='lacks 100 class'):
+        build_datasets(str(tmp_path / 'in'), 16, class_list='imagenet100')
 
 
 # --- bad input: clear errors before anything is trained ------------------------------------------
@@ -266,3 +271,26 @@ def test_log_beta_schedule_and_sqrt_reduction_are_recorded(tmp_path):
     s = json.loads((out / 'summary.json').read_text())
     assert (s['beta_schedule'], s['kl_reduction'], s['vib_hidden']) == ('log', 'sqrt', 64)
     assert math.isfinite(rows[-1]['val_loss'])
+
+
+def test_evaluate_restores_the_callers_stochastic_eval():
+    from accelerate import Accelerator
+    import timm
+    from timm_vib.training import evaluate
+    m = timm.create_model('vit_tiny_vib', img_size=16, patch_size=8, depth=1, num_classes=3)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    acc = Accelerator(cpu=True)
+    for callers in (True, False):
+        for stochastic in (True, False):
+            m.stochastic_eval = callers
+            res = evaluate(m, [(x, y)], acc, beta=1.0, stochastic=stochastic)
+            assert res['val_count'] == 4 and m.stochastic_eval == callers
+
+    def broken():
+        assert m.stochastic_eval  # evaluate set the sampling it was asked for
+        yield x, y
+        raise RuntimeError('loader failed')
+    m.stochastic_eval = False
+    with pytest.raises(RuntimeError, match='loader failed'):
+        evaluate(m, broken(), acc, beta=1.0, stochastic=True)
+    assert m.stochastic_eval is False

@@ -27,8 +27,6 @@ import json
 import os
 import random
 import struct
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -54,7 +52,8 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_CLASSES = [
     'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
-# The ImageNet-100 class list of Tian, Krishnan & Isola 2020 (Contrastive Multiview Coding), as published with their code.
+# The ImageNet-100 class list of Tian, Krishnan & Isola 2020 (Contrastive Multiview Coding), as published with their
+# code at this address; a copy ships as timm_vib/imagenet100.txt.
 IMAGENET100_URL = 'https://raw.githubusercontent.com/HobbitLong/CMC/master/imagenet100.txt'
 
 
@@ -140,22 +139,9 @@ def _idx_file(folder: Path, name: str) -> Optional[Path]:
 
 def read_class_list(spec: str) -> List[str]:
     """WordNet ids from a file (one per line, ``#`` comments), or ``'imagenet100'``: the published list
-    of Tian et al. 2020, fetched on first use and cached under ``$TIMM_VIB_CACHE`` (default
-    ``~/.cache/timm_vib``)."""
+    of Tian et al. 2020 (``IMAGENET100_URL``), shipped with the package."""
     if spec == 'imagenet100':
-        cache = Path(os.environ.get('TIMM_VIB_CACHE', Path.home() / '.cache' / 'timm_vib')) / 'imagenet100.txt'
-        if not cache.is_file():
-            try:
-                with urllib.request.urlopen(IMAGENET100_URL, timeout=20) as r:
-                    text = r.read().decode()
-            except (urllib.error.URLError, OSError) as e:
-                raise FileNotFoundError(
-                    f'--class-list imagenet100 needs the published list ({IMAGENET100_URL}) and it could not be '
-                    f'fetched ({e}); you seem to be offline: download it elsewhere and pass --class-list FILE, '
-                    f'or put it at {cache}') from None
-            from .files import atomic_write_text
-            atomic_write_text(cache, text)
-        path = cache
+        path = Path(__file__).with_name('imagenet100.txt')  # shipped: clusters are often offline
     else:
         path = Path(spec)
         if not path.is_file():

@@ -17,10 +17,12 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
     Returns:
         [...] KL in nats, float32 whatever the input dtype (autocast would otherwise
-        compute it in half precision, where exp(logvar) - 1 - logvar loses the small values).
+        compute it in half precision). exp(logvar) - 1 - logvar is computed as expm1(logvar) - logvar:
+        near logvar = 0 (collapsed heads) the former cancels to about -1e-6 in float32, so the KL of a
+        head at the prior could come out negative.
     """
     mu, logvar = mu.float(), logvar.float()
-    return 0.5 * (logvar.exp() + mu.square() - 1.0 - logvar).sum(-1)
+    return 0.5 * (torch.expm1(logvar) - logvar + mu.square()).sum(-1)
 
 
 def information_per_sample(kl: torch.Tensor, reduction: Literal['mean', 'sum', 'sqrt'] = 'mean') -> torch.Tensor:

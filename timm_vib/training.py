@@ -216,28 +216,32 @@ def evaluate(model, loader, accelerator, beta: float, kl_reduction: str = 'mean'
     net = accelerator.unwrap_model(model)
     has_kl = getattr(net, 'attn_mode', 'plain') != 'plain'
     model.eval()
-    if getattr(net, 'has_bottleneck', False):
-        net.stochastic_eval = stochastic
+    bottleneck = getattr(net, 'has_bottleneck', False)
+    callers_stochastic = net.stochastic_eval if bottleneck else False
     parts: Dict[str, List[torch.Tensor]] = {}
-    for x, y in loader:
-        if has_kl:
-            logits, kl = model(x, return_kl=True)
-        else:
-            logits, kl = model(x), None
-        logits = logits.float()
-        ce = F.cross_entropy(logits, y, reduction='none')
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        out = {'ce': ce, 'top1': (top[:, 0] == y).float(), 'top5': (top == y[:, None]).any(-1).float()}
-        if kl is not None:
-            out['nats'] = kl.sum(dim=(1, 2, 3))                         # [B] nats per image
-            out['info'] = information_per_sample(kl, kl_reduction)
-            out['head_mean'] = kl.mean(dim=3)                           # [B, depth, heads]
-            out['head_max'] = kl.amax(dim=3)
-            out['tokens'] = torch.full_like(ce, kl.shape[-1])
-        for k, v in accelerator.gather_for_metrics(out).items():
-            parts.setdefault(k, []).append(v.float().cpu())
-    if getattr(net, 'has_bottleneck', False):
-        net.stochastic_eval = False
+    try:
+        if bottleneck:
+            net.stochastic_eval = stochastic
+        for x, y in loader:
+            if has_kl:
+                logits, kl = model(x, return_kl=True)
+            else:
+                logits, kl = model(x), None
+            logits = logits.float()
+            ce = F.cross_entropy(logits, y, reduction='none')
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            out = {'ce': ce, 'top1': (top[:, 0] == y).float(), 'top5': (top == y[:, None]).any(-1).float()}
+            if kl is not None:
+                out['nats'] = kl.sum(dim=(1, 2, 3))                         # [B] nats per image
+                out['info'] = information_per_sample(kl, kl_reduction)
+                out['head_mean'] = kl.mean(dim=3)                           # [B, depth, heads]
+                out['head_max'] = kl.amax(dim=3)
+                out['tokens'] = torch.full_like(ce, kl.shape[-1])
+            for k, v in accelerator.gather_for_metrics(out).items():
+                parts.setdefault(k, []).append(v.float().cpu())
+    finally:
+        if bottleneck:
+            net.stochastic_eval = callers_stochastic  # the caller's setting, even if the loop raised
     r = {k: torch.cat(v) for k, v in parts.items()}
     n = len(r['ce'])
     res: Dict[str, Any] = {

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
@@ -44,6 +44,10 @@ __all__ = [
 ]
 
 ATTN_MODES = ('vib', 'none', 'plain')
+
+# leaves of plain torch.fx.symbolic_trace too (timm's tracers know them already)
+torch.fx.wrap('maybe_add_mask')
+torch.fx.wrap('resolve_self_attn_mask')
 
 
 def _check_beta(beta: float) -> float:
@@ -119,9 +123,10 @@ class HeadBottleneck(nn.Module):
         self.vib_dim = _check_vib_dim(vib_dim)
         self.vib_hidden = _check_vib_hidden(vib_hidden)
         self.logvar_init = logvar_init
-        self.logvar_clamp = tuple(logvar_clamp)
+        self.logvar_clamp = (float(logvar_clamp[0]), float(logvar_clamp[1]))
         self.small_init_dec = bool(small_init_dec)
         self.sample_in_eval = False
+        self.is_mlp = self.vib_hidden > 0
         H, D, r, h = num_heads, head_dim, self.vib_dim, self.vib_hidden
         enc_width, dec_width = (h, h) if h else (2 * r, r)
         self.enc_weight = nn.Parameter(torch.empty(H, D, enc_width, **dd))
@@ -131,13 +136,15 @@ class HeadBottleneck(nn.Module):
             self.enc_out_bias = nn.Parameter(torch.empty(H, 2 * r, **dd))
             self.dec_in_weight = nn.Parameter(torch.empty(H, r, h, **dd))
             self.dec_in_bias = nn.Parameter(torch.empty(H, h, **dd))
+        else:
+            # declared as None (not in the state dict) so TorchScript sees the MLP branch as dead code
+            for name in ('enc_out_weight', 'enc_out_bias', 'dec_in_weight', 'dec_in_bias'):
+                self.register_parameter(name, None)
         self.dec_weight = nn.Parameter(torch.empty(H, dec_width, D, **dd))
         self.dec_bias = nn.Parameter(torch.empty(H, D, **dd))
         self.init_weights()
 
-    @property
-    def is_mlp(self) -> bool:
-        return self.vib_hidden > 0
+    __jit_unused_properties__ = ['stats_bias']
 
     @property
     def stats_bias(self) -> torch.Tensor:
@@ -202,8 +209,9 @@ class HeadBottleneck(nn.Module):
 
         The fused attention path computes the first layer as part of the value projection."""
         hidden = hidden + self.enc_bias[:, None]
-        if self.is_mlp:
-            hidden = _per_head(F.gelu(hidden), self.enc_out_weight, self.enc_out_bias)
+        w, b = self.enc_out_weight, self.enc_out_bias
+        if w is not None and b is not None:  # MLP encoder
+            hidden = _per_head(F.gelu(hidden), w, b)
         return hidden
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +220,10 @@ class HeadBottleneck(nn.Module):
 
     def decode_hidden(self, z: torch.Tensor) -> torch.Tensor:
         """[B, H, N, r] latents -> input of the decoder's last layer (z itself when linear)."""
-        return F.gelu(_per_head(z, self.dec_in_weight, self.dec_in_bias)) if self.is_mlp else z
+        w, b = self.dec_in_weight, self.dec_in_bias
+        if w is not None and b is not None:  # MLP decoder
+            return F.gelu(_per_head(z, w, b))
+        return z
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[B, H, N, r] latents -> [B, H, N, head_dim] decoded head outputs."""
@@ -221,7 +232,7 @@ class HeadBottleneck(nn.Module):
     def forward(self, stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, H, N, 2r] encoder outputs -> z, mu, logvar, each [B, H, N, r]."""
         mu, logvar = stats.chunk(2, dim=-1)
-        logvar = logvar.clamp(*self.logvar_clamp)
+        logvar = logvar.clamp(self.logvar_clamp[0], self.logvar_clamp[1])
         if self.training or self.sample_in_eval:
             # a fresh contiguous tensor: randn_like of the strided chunk takes a slow serial path on CPU
             eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device)
@@ -235,13 +246,71 @@ class HeadBottleneck(nn.Module):
         return s + (', small_init_dec=True' if self.small_init_dec else '')
 
 
-class VIBAttention(Attention):
+def _maps_wanted(q: torch.Tensor, attn_drop: nn.Module) -> bool:
+    """Attention maps are asked for while FX traces the model (``AttentionExtract(method='fx')``,
+    ``create_feature_extractor``: they look for the ``attn.softmax`` node) or while a hook waits on
+    ``attn_drop`` (``AttentionExtract(method='hook')``); the fused kernel never materialises them."""
+    return isinstance(q, torch.fx.Proxy) or bool(attn_drop._forward_hooks) or bool(attn_drop._forward_pre_hooks)
+
+
+class MapAttention(Attention):
+    """timm's ``Attention`` (same weights, same output) whose fused kernel steps aside when attention maps
+    are asked for (see :func:`_maps_wanted`): the explicit path then runs ``softmax`` and ``attn_drop``
+    as timm's non-fused path does, so ``timm.utils.AttentionExtract`` finds them with either method.
+    The attention of ``vit_tiny_gap``; :class:`VIBAttention` builds on it.
+    """
+
+    def _attend(
+            self,
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> torch.Tensor:
+        """softmax(q k^T * scale + mask) v per head: [B, H, N, D] x3 -> [B, H, N, D_v]."""
+        if torch.jit.is_scripting():
+            fused = self.fused_attn
+        else:
+            fused = self.fused_attn and not _maps_wanted(q, self.attn_drop)
+        if fused:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        return attn @ v
+
+    def _split_heads(self, t: torch.Tensor, B: int, N: int) -> torch.Tensor:
+        return t.reshape(B, N, self.num_heads, -1).transpose(1, 2)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).split(self.attn_dim, dim=-1)
+        q, k, v = self._split_heads(q, B, N), self._split_heads(k, B, N), self._split_heads(v, B, N)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self._attend(q, k, v, attn_mask, is_causal)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class VIBAttention(MapAttention):
     """timm's multi-head self-attention with a :class:`HeadBottleneck` on each head's output.
 
     Same constructor as :class:`timm.layers.Attention` plus the bottleneck's ``vib_dim``,
     ``vib_hidden``, ``vib_logvar_init`` and ``vib_small_init_dec``; same options (qk_norm,
     scale_norm, gated, masks, causal, fused or explicit attention).
-    ``forward(x, return_kl=True)`` also returns the KL [B, heads, tokens] in nats (float32).
+    ``forward(x)`` returns the tokens; ``forward_kl(x)`` also returns the KL [B, heads, tokens] in nats
+    (float32).
     """
 
     def __init__(
@@ -262,6 +331,10 @@ class VIBAttention(Attention):
         self.vib = HeadBottleneck(
             self.num_heads, self.head_dim, vib_dim, vib_logvar_init, vib_hidden=vib_hidden,
             small_init_dec=vib_small_init_dec, device=w.device, dtype=w.dtype)
+        # the encoder composes with the value projection and the decoder with the output projection
+        # unless a norm or gate sits between the head outputs and ``proj``
+        self.foldable = isinstance(self.norm, nn.Identity) and self.gate is None
+        self.fold_projections = True  # set False to run the explicit encode / decode reference path
 
     @classmethod
     def from_attention(
@@ -275,7 +348,7 @@ class VIBAttention(Attention):
         """Turn a timm ``Attention`` into a ``VIBAttention`` in place, keeping its weights."""
         if isinstance(attn, VIBAttention):
             return attn
-        if type(attn) is not Attention:
+        if type(attn) not in (Attention, MapAttention):
             raise TypeError(
                 f'only timm.layers.Attention can take a bottleneck, got {type(attn).__name__} '
                 '(its forward differs, so the bottleneck cannot be placed on the head outputs)')
@@ -283,49 +356,38 @@ class VIBAttention(Attention):
         attn._add_bottleneck(vib_dim, vib_logvar_init, vib_hidden, vib_small_init_dec)
         return attn
 
-    fold_projections: bool = True  # set False to run the explicit encode / decode reference path
+    __jit_unused_properties__ = ['can_fold']
 
     @property
     def can_fold(self) -> bool:
-        """The encoder composes with the value projection and the decoder with the output
-        projection unless a norm or gate sits between the head outputs and ``proj``."""
-        return self.fold_projections and isinstance(self.norm, nn.Identity) and self.gate is None
+        """Whether forward runs the folded projections (see the module docstring)."""
+        return self.fold_projections and self.foldable
 
-    def _split_heads(self, t: torch.Tensor, B: int, N: int) -> torch.Tensor:
-        return t.reshape(B, N, self.num_heads, -1).transpose(1, 2)
-
-    def _attend(self, q, k, v, attn_mask, is_causal) -> torch.Tensor:
-        if self.fused_attn:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        return attn @ v
-
-    def forward(
+    def _forward(
             self,
             x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-            return_kl: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, N, C] tokens -> output tokens [B, N, C], posterior mu and logvar [B, H, N, r]."""
         B, N, C = x.shape
         H, D, A = self.num_heads, self.head_dim, self.attn_dim
         vib = self.vib
-        fold = self.can_fold
+        fold = self.fold_projections and self.foldable
         if fold:
             # value projection composed with the encoder's first layer: [H * width, C]
             w_q, w_k, w_v = self.qkv.weight.split(A)
             w_ve = torch.einsum('hdc,hde->hec', w_v.reshape(H, D, C), vib.enc_weight).reshape(-1, C)
-            weight, bias = torch.cat([w_q, w_k, w_ve]), None
-            if self.qkv.bias is not None:
-                b_q, b_k, b_v = self.qkv.bias.split(A)
+            weight = torch.cat([w_q, w_k, w_ve])
+            qkv_bias = self.qkv.bias
+            bias: Optional[torch.Tensor] = None
+            if qkv_bias is not None:
+                b_q, b_k, b_v = qkv_bias.split(A)
                 bias = torch.cat([b_q, b_k, torch.einsum('hd,hde->he', b_v.reshape(H, D), vib.enc_weight).reshape(-1)])
             q, k, v = F.linear(x, weight, bias).split([A, A, w_ve.shape[0]], dim=-1)
         else:
             q, k, v = self.qkv(x).split(A, dim=-1)
-        q, k, v = (self._split_heads(t, B, N) for t in (q, k, v))
+        q, k, v = self._split_heads(q, B, N), self._split_heads(k, B, N), self._split_heads(v, B, N)
         q, k = self.q_norm(q), self.k_norm(k)
         out = self._attend(q, k, v, attn_mask, is_causal)
 
@@ -338,8 +400,9 @@ class VIBAttention(Attention):
             w_p = self.proj.weight
             w_out = torch.einsum('chd,hed->che', w_p.reshape(-1, H, D), vib.dec_weight).reshape(w_p.shape[0], -1)
             b_out = w_p @ vib.dec_bias.reshape(-1)
-            if self.proj.bias is not None:
-                b_out = b_out + self.proj.bias
+            proj_bias = self.proj.bias
+            if proj_bias is not None:
+                b_out = b_out + proj_bias
             x_out = F.linear(vib.decode_hidden(z).transpose(1, 2).reshape(B, N, -1), w_out, b_out)
         else:
             gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -347,17 +410,33 @@ class VIBAttention(Attention):
             if gate is not None:
                 x_out = x_out * gate
             x_out = self.proj(x_out)
-        x_out = self.proj_drop(x_out)
-        if return_kl:
-            return x_out, gaussian_kl(mu, logvar)
-        return x_out
+        return self.proj_drop(x_out), mu, logvar
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        """[B, N, C] tokens -> [B, N, C] tokens, as timm's ``Attention``."""
+        return self._forward(x, attn_mask, is_causal)[0]
+
+    def forward_kl(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, C] tokens -> tokens [B, N, C] and KL [B, heads, N] (float32, nats)."""
+        x, mu, logvar = self._forward(x, attn_mask, is_causal)
+        return x, gaussian_kl(mu, logvar)
 
 
 class VIBBlock(Block):
     """timm's pre-norm transformer ``Block`` whose attention is a :class:`VIBAttention`.
 
-    ``forward(x)`` returns tokens as a timm block does (so ``nn.Sequential``, feature extraction and
-    ``forward_intermediates`` work); ``forward(x, return_kl=True)`` returns (tokens, kl [B, heads, N]).
+    ``forward(x)`` returns tokens as a timm block does (so ``nn.Sequential``, feature extraction,
+    TorchScript and ``forward_intermediates`` work); ``forward_kl(x)`` returns (tokens, kl [B, heads, N]).
     """
 
     def __init__(
@@ -390,13 +469,22 @@ class VIBBlock(Block):
             x: torch.Tensor,
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
-            return_kl: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, return_kl=return_kl)
-        a, kl = a if return_kl else (a, None)
+    ) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+    def forward_kl(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, C] tokens -> tokens [B, N, C] and the KL of its heads [B, heads, N] (float32, nats)."""
+        a, mu, logvar = self.attn._forward(self.norm1(x), attn_mask, is_causal)
         x = x + self.drop_path1(self.ls1(a))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return (x, kl) if return_kl else x
+        return x, gaussian_kl(mu, logvar)
 
 
 class MlpBlock(nn.Module):
@@ -444,12 +532,53 @@ class MlpBlock(nn.Module):
             x: torch.Tensor,
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
-            return_kl: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        if return_kl:
-            return x, x.new_zeros(x.shape[0], self.num_heads, x.shape[1], dtype=torch.float32)
-        return x
+    ) -> torch.Tensor:
+        """[B, N, C] tokens -> [B, N, C] tokens, each on its own (``attn_mask`` / ``is_causal`` have nothing to mask)."""
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward_kl(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and a zero KL [B, heads, N] (float32): nothing is communicated."""
+        return self.forward(x), x.new_zeros(x.shape[0], self.num_heads, x.shape[1], dtype=torch.float32)
+
+
+def _traced_flag(return_kl: Any) -> bool:
+    """``return_kl`` as a Python bool. FX makes every argument a graph input (a Proxy): the traced graph
+    is the logits path, with an assert node that refuses ``return_kl=True`` when the graph is called."""
+    if isinstance(return_kl, torch.fx.Proxy):
+        torch._assert(
+            return_kl == False,  # noqa: E712 (a graph node, not a Python comparison)
+            'this FX graph of a timm_vib model computes logits only; call the model itself with return_kl=True')
+        return False
+    return bool(return_kl)
+
+
+@torch.fx.wrap
+@register_notrace_function  # (timm's tracers autowrap only names without a leading underscore)
+def check_image_batch(
+        x: torch.Tensor, in_chans: int, img_size: Optional[Tuple[int, int]], fixed_size: bool, name: str,
+) -> torch.Tensor:
+    """``x`` itself if it is a batch of ``in_chans``-channel images of the size the model was built for,
+    else a ValueError naming the problem. A leaf of FX graphs (symbolic tracing cannot branch on shapes),
+    so a traced model checks its input eagerly with the same messages; it returns ``x`` so that the graph
+    keeps it on the data path. Scriptable, for FX graphs that are scripted."""
+    if not torch.jit.is_scripting():
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f'{name} expects images [batch, channels, height, width], got {type(x).__name__}')
+    if x.dim() != 4:
+        raise ValueError(f'{name} expects images [batch, channels, height, width], got shape {list(x.shape)}')
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f'{name} expects {in_chans} input channels (NCHW), got {x.shape[1]} in an input of shape {list(x.shape)}')
+    if fixed_size and img_size is not None and (x.shape[-2] != img_size[0] or x.shape[-1] != img_size[1]):
+        raise ValueError(
+            f'{name} was built for {img_size[0]}x{img_size[1]} images, got {x.shape[-2]}x{x.shape[-1]}; resize the '
+            f'input, or create the model with img_size={x.shape[-2]} (or dynamic_img_size=True)')
+    return x
 
 
 class VIBMixin:
@@ -458,6 +587,8 @@ class VIBMixin:
     Mixed into :class:`VisionTransformerVIB`, and into the class of a model that :func:`vibify` converts.
     """
     attn_mode: str = 'vib'
+    # Python-side conveniences that TorchScript need not compile
+    __jit_unused_properties__ = ['beta', 'has_bottleneck', 'vib_dim', 'vib_hidden', 'stochastic_eval']
 
     @property
     def beta(self) -> float:
@@ -516,57 +647,69 @@ class VIBMixin:
         names |= {n for n, _ in self.named_parameters() if '.vib.' in n}
         return names
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f'{self._name()} expects images [batch, channels, height, width], got {shape}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'{self._name()} expects {self.in_chans} input channels (NCHW), got {x.shape[1]} '
-                f'in an input of shape {tuple(x.shape)}')
-        pe = self.patch_embed
-        if not self.dynamic_img_size and getattr(pe, 'strict_img_size', False) and not getattr(pe, 'dynamic_img_pad', False):
-            if tuple(x.shape[-2:]) != tuple(pe.img_size):
-                raise ValueError(
-                    f'{self._name()} was built for {pe.img_size[0]}x{pe.img_size[1]} images, got '
-                    f'{x.shape[-2]}x{x.shape[-1]}; resize the input, or create the model with '
-                    f'img_size={x.shape[-2]} (or dynamic_img_size=True)')
-
-    def _run_blocks(self, x, attn_mask, is_causal, return_kl):
-        if not return_kl and attn_mask is None and not is_causal:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                return checkpoint_seq(self.blocks, x), None
-            return self.blocks(x), None
+    def _run_blocks_kl(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         kls = []
         for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                out = checkpoint(blk, x, attn_mask, is_causal, return_kl, use_reentrant=False)
+            if self.grad_checkpointing:
+                x, kl = checkpoint(blk.forward_kl, x, attn_mask, is_causal, use_reentrant=False)
             else:
-                out = blk(x, attn_mask=attn_mask, is_causal=is_causal, return_kl=return_kl)
-            x, kl = out if return_kl else (out, None)
+                x, kl = blk.forward_kl(x, attn_mask=attn_mask, is_causal=is_causal)
             kls.append(kl)
-        return x, (torch.stack(kls, dim=1) if return_kl else None)
+        return x, torch.stack(kls, dim=1)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            # a leaf for FX (register_notrace_function): the eager checks and messages survive tracing
+            x = check_image_batch(x, self.in_chans, self.patch_embed.img_size, self._fixed_img_size(), self._name())
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    @torch.jit.unused
+    def _fixed_img_size(self) -> bool:
+        pe = self.patch_embed
+        return (not self.dynamic_img_size and getattr(pe, 'strict_img_size', False)
+                and not getattr(pe, 'dynamic_img_pad', False))
 
     def forward_features(
             self,
             x: torch.Tensor,
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
-            return_kl: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Images [B, C, H, W] -> normed tokens [B, N, embed_dim] (and kl [B, depth, heads, N] in nats)."""
-        if return_kl and self.attn_mode == 'plain':
+    ) -> torch.Tensor:
+        """Images [B, C, H, W] -> normed tokens [B, N, embed_dim], as timm's ViT."""
+        x = self._embed(x)
+        if attn_mask is not None or is_causal:
+            for blk in self.blocks:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    @torch.jit.unused
+    def forward_features_kl(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, C, H, W] -> normed tokens [B, N, embed_dim] and kl [B, depth, heads, N] (float32, nats).
+        Eager / FX / torch.compile only (a scripted model runs ``forward(x)``)."""
+        if self.attn_mode == 'plain':
             raise ValueError(
                 f'{self._name()} has no information bottleneck (attn_mode={self.attn_mode!r}): its attention '
                 'writes are unrestricted, so there is no KL to return; call model(x) without return_kl')
-        self._check_input(x)
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        x, kl = self._run_blocks(x, attn_mask, is_causal, return_kl)
-        x = self.norm(x)
-        return (x, kl) if return_kl else x
+        x = self._embed(x)
+        x, kl = self._run_blocks_kl(x, attn_mask, is_causal)
+        return self.norm(x), kl
 
     def forward(
             self,
@@ -577,10 +720,12 @@ class VIBMixin:
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Images [B, C, H, W] -> logits [B, classes]; with ``return_kl`` also kl [B, depth, heads, tokens]
         float32 in nats (zeros for the attention-free model; an error for a model without bottleneck)."""
-        out = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal, return_kl=return_kl)
-        x, kl = out if return_kl else (out, None)
-        x = self.forward_head(x)
-        return (x, kl) if return_kl else x
+        if not torch.jit.is_scripting():
+            return_kl = _traced_flag(return_kl)
+        if return_kl:
+            x, kl = self.forward_features_kl(x, attn_mask=attn_mask, is_causal=is_causal)
+            return self.forward_head(x), kl
+        return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         if strict:
@@ -654,6 +799,8 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
                 vib_small_init_dec=vib_small_init_dec)
         elif attn_mode == 'none':
             kwargs['block_fn'] = MlpBlock
+        else:
+            kwargs.setdefault('attn_layer', MapAttention)
         super().__init__(**kwargs)
         self.attn_mode = attn_mode
         self.beta = beta

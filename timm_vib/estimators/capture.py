@@ -1,13 +1,15 @@
 """ Capture of what a forward pass of a timm_vib model computes inside
 
 Forward hooks on every :class:`HeadBottleneck` see (z, mu, logvar) of all heads of a layer; a forward
-pre-hook on each attention module sees its (normed) input tokens, from which attention maps are
-recomputed only when asked (the fused kernel never materialises them); a hook on the final norm gives
-the per-token features, hence per-patch logits. Hooks exist only inside ``with capture(model)``, so a
-model outside the context runs with zero overhead.
+hook on the ``norm1`` of each block with attention sees the attention's (normed) input tokens, from which
+attention maps are recomputed only when asked (the fused kernel never materialises them); a hook on the
+final norm gives the per-token features, hence per-patch logits. Each hook writes its layer's slot, so
+the recomputation of gradient checkpointing records nothing twice. Hooks exist only inside
+``with capture(model)``, so a model outside the context runs with zero overhead.
 """
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -74,20 +76,25 @@ class Record:
         self.clear()
 
     def clear(self) -> None:
-        self._post: List = []
-        self._inputs: List = []
+        # layer index -> tensors (a dict, not a list: checkpointed blocks run their hooks again in backward)
+        self._post: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inputs: Dict[int, torch.Tensor] = {}
         self._features: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _layers(d: Dict[int, Any]) -> List[Any]:
+        return [d[i] for i in sorted(d)]
 
     def _d(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach() if self._detach else t
 
     @property
     def mu(self) -> Optional[torch.Tensor]:
-        return torch.stack([p[0] for p in self._post], 1) if self._post else None
+        return torch.stack([p[0] for p in self._layers(self._post)], 1) if self._post else None
 
     @property
     def logvar(self) -> Optional[torch.Tensor]:
-        return torch.stack([p[1] for p in self._post], 1) if self._post else None
+        return torch.stack([p[1] for p in self._layers(self._post)], 1) if self._post else None
 
     @property
     def kl(self) -> Optional[torch.Tensor]:
@@ -101,14 +108,15 @@ class Record:
 
     @property
     def inputs(self) -> Optional[torch.Tensor]:
-        return torch.stack(self._inputs, 1) if (self._inputs and self._want_inputs) else None
+        return torch.stack(self._layers(self._inputs), 1) if (self._inputs and self._want_inputs) else None
 
     @property
     def attention(self) -> Optional[torch.Tensor]:
         if not (self._want_attention and self._inputs):
             return None
         with torch.set_grad_enabled(not self._detach):
-            return torch.stack([attention_maps(a, x) for a, x in zip(attention_modules(self._model), self._inputs)], 1)
+            inputs = self._layers(self._inputs)
+            return torch.stack([attention_maps(a, x) for a, x in zip(attention_modules(self._model), inputs)], 1)
 
     @property
     def features(self) -> Optional[torch.Tensor]:
@@ -149,24 +157,26 @@ def capture(model: nn.Module, attention: bool = False, inputs: bool = False, det
         def reset(module, args):
             rec.clear()
 
-        def on_bottleneck(module, args, out):
+        def on_bottleneck(layer, module, args, out):
             _, mu, logvar = out
-            rec._post.append((rec._d(mu), rec._d(logvar)))
+            rec._post[layer] = (rec._d(mu), rec._d(logvar))
 
-        def on_attn_input(module, args, kwargs):
-            x = args[0] if args else kwargs['x']
-            rec._inputs.append(rec._d(x))
+        def on_attn_input(layer, module, args, out):
+            rec._inputs[layer] = rec._d(out)
 
         def on_norm(module, args, out):
             rec._features = rec._d(out)
 
         handles.append(model.patch_embed.register_forward_pre_hook(reset))
-        handles += [b.register_forward_hook(on_bottleneck) for b in model.modules() if isinstance(b, HeadBottleneck)]
+        bottlenecks = [b for b in model.modules() if isinstance(b, HeadBottleneck)]
+        handles += [b.register_forward_hook(partial(on_bottleneck, i)) for i, b in enumerate(bottlenecks)]
         if attention or inputs:
-            attns = attention_modules(model)
-            if not attns:
+            # the attention's input is its block's norm1 output (hooked there: forward_kl, the return_kl
+            # path, calls the attention's computation without going through its module call)
+            norms = [blk.norm1 for blk in model.blocks if hasattr(blk, 'attn') and hasattr(blk.attn, 'qkv')]
+            if not norms:
                 raise ValueError('this model has no attention modules (attention-free blocks): nothing to capture')
-            handles += [a.register_forward_pre_hook(on_attn_input, with_kwargs=True) for a in attns]
+            handles += [n.register_forward_hook(partial(on_attn_input, i)) for i, n in enumerate(norms)]
         handles.append(model.norm.register_forward_hook(on_norm))
         yield rec
     finally:

@@ -24,6 +24,7 @@ heads' blocks: an NMI matrix over K heads costs 2K matrix products per chunk (tw
 draws per head, for I(U;U')) and K(K-1)/2 block additions.
 """
 import math
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -313,8 +314,15 @@ def _nmi_and_grad(ia, ib, iab, iaa, ibb):
     """NMI = (Ia + Ib - Iab) / sqrt((2Ia - Iaa')(2Ib - Ibb')) and its gradient w.r.t. the five terms."""
     num = ia + ib - iab
     a, b = 2 * ia - iaa, 2 * ib - ibb
-    den = torch.sqrt((a * b).clamp_min(1e-300))
-    nmi = num / den
+    # a head that carries (next to) no information can get I(U;U') <= 0 from Monte Carlo noise: its NMI
+    # is undefined, not the huge ratio a clamped denominator would give
+    undefined = (a <= 0) | (b <= 0)
+    if bool(undefined.any()):
+        warnings.warn(
+            f'{int(undefined.sum())} head pair(s) have a self-information I(U;U\') <= 0 (a head carrying no '
+            'information, within Monte Carlo noise): their NMI is undefined and returned as NaN', RuntimeWarning)
+    den = torch.sqrt(torch.where(undefined, torch.ones_like(a), a * b))
+    nmi = torch.where(undefined, torch.full_like(num, float('nan')), num / den)
     g_num = torch.stack([torch.ones_like(ia), torch.ones_like(ia), -torch.ones_like(ia), 0 * ia, 0 * ia], -1)
     g_a = torch.stack([2 * torch.ones_like(ia), 0 * ia, 0 * ia, -torch.ones_like(ia), 0 * ia], -1)
     g_b = torch.stack([0 * ia, 2 * torch.ones_like(ia), 0 * ia, 0 * ia, -torch.ones_like(ia)], -1)

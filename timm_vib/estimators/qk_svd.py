@@ -7,8 +7,19 @@ tokens attend to similar (+) or dissimilar (-) tokens.
 
 Definition used: weights only. The q/k biases, the 1/sqrt(d) scale and the norm's affine parameters
 are left out, as in the paper; ``fold_norm_scale=True`` instead uses diag(g) M diag(g) with g the
-block's norm1 weight. The authors' code (schwartz-cnl/DissectingViT) divides its weighted mean by
-head_dim; here the singular-value-weighted mean is a true weighted mean (weights s_k / sum s_k).
+block's norm1 weight.
+
+Weighted means follow the authors' code (schwartz-cnl/DissectingViT, ``cosine_similarity.ipynb``):
+singular values are normalised within each head (w_k = s_k / sum of that head's s), so every head
+counts equally whatever the size of its W_q^T W_k. The notebook then takes the mean of w_k cos_k over
+modes and heads, i.e. our ``layer_weighted_mean`` divided by head_dim; here the per-head sums are true
+weighted means (all cosines c give c). ``layer_pooled_weighted_mean`` normalises over all heads of a
+layer instead (large heads dominate).
+
+Maps (``qk_maps``, ``optimal_attention_images``) project the block's norm1 output, the tokens the
+attention sees; the authors project the pre-norm residual stream. With ``fold_norm_scale`` the gain
+g is already in the modes, so the maps project the normalised tokens before the gain and bias,
+(norm1(x) - b) / g, the tensor that the folded M pairs with.
 """
 from dataclasses import dataclass
 from typing import Iterable, Tuple
@@ -27,12 +38,15 @@ class QKSVD:
     """Modes of M = W_q^T W_k for every layer and head (heads may not differ in size across layers).
 
     singular_values [depth, heads, head_dim] (descending); u (query) and v (key) [depth, heads, embed,
-    head_dim] unit singular vectors, mode k in column k; cosine [depth, heads, head_dim] = u_k . v_k.
+    head_dim] unit singular vectors, mode k in column k; cosine [depth, heads, head_dim] = u_k . v_k;
+    norm_scale_folded: whether M includes norm1's gain (``fold_norm_scale``), which decides the tokens
+    that the maps project.
     """
     singular_values: torch.Tensor
     u: torch.Tensor
     v: torch.Tensor
     cosine: torch.Tensor
+    norm_scale_folded: bool = False
 
     @property
     def head_mean(self) -> torch.Tensor:
@@ -52,7 +66,14 @@ class QKSVD:
 
     @property
     def layer_weighted_mean(self) -> torch.Tensor:
-        """Singular-value-weighted mean over the modes of all heads of a layer (weights sum to 1): [depth]."""
+        """Mean over heads of ``head_weighted_mean`` (weights normalised within each head, as the authors'
+        code; their plotted value is this divided by head_dim): [depth]."""
+        return self.head_weighted_mean.mean(-1)
+
+    @property
+    def layer_pooled_weighted_mean(self) -> torch.Tensor:
+        """Singular-value-weighted mean over the modes of all heads of a layer, weights normalised over
+        the whole layer (heads with a larger ||W_q^T W_k|| count more): [depth]."""
         w = self.singular_values / self.singular_values.sum((1, 2), keepdim=True).clamp_min(1e-30)
         return (w * self.cosine).sum((1, 2))
 
@@ -92,7 +113,24 @@ def qk_svd(model: nn.Module, fold_norm_scale: bool = False) -> QKSVD:
     uc, s, vch = torch.linalg.svd(ra @ rb.transpose(-1, -2))
     u, v = qa @ uc, qb @ vch.transpose(-1, -2)
     cos = (u * v).sum(-2)
-    return QKSVD(s.float(), u.float(), v.float(), cos.float())
+    return QKSVD(s.float(), u.float(), v.float(), cos.float(), norm_scale_folded=bool(fold_norm_scale))
+
+
+def _map_tokens(model: nn.Module, svd: QKSVD, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+    """The tokens that ``svd``'s modes pair with: norm1 outputs [B, N, C], or, when the gain is folded into
+    the modes, the normalised tokens before norm1's gain and bias, (norm1(x) - b) / g."""
+    if not svd.norm_scale_folded:
+        return tokens
+    norm = [b for b in model.blocks if hasattr(b, 'attn') and hasattr(b.attn, 'qkv')][layer].norm1
+    g, b = getattr(norm, 'weight', None), getattr(norm, 'bias', None)
+    if g is None:
+        return tokens
+    if (g == 0).any():
+        raise ValueError(f'layer {layer}: norm1 has zero gains, so the tokens before its gain cannot be recovered; '
+                         'use an SVD without fold_norm_scale')
+    if b is not None:
+        tokens = tokens - b.detach().float()
+    return tokens / g.detach().float()
 
 
 def _check_mode(svd: QKSVD, layer: int, head: int, mode: int) -> None:
@@ -114,12 +152,13 @@ def qk_maps(
         svd: QKSVD = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Query and key maps of one mode: the block's normed attention input tokens projected on u_k and
-    on v_k, on the patch grid: ([B, rows, cols], [B, rows, cols]) (embedding units)."""
+    on v_k, on the patch grid: ([B, rows, cols], [B, rows, cols]) (embedding units). For an SVD with
+    ``fold_norm_scale`` the tokens before norm1's gain and bias (see the module docstring)."""
     svd = qk_svd(model) if svd is None else svd
     _check_mode(svd, layer, head, mode)
     with torch.no_grad(), capture(model, inputs=True) as rec:
         model(images.to(_device(model, None)))
-        x = rec.inputs[:, layer, num_prefix_tokens(model):].float()
+        x = _map_tokens(model, svd, layer, rec.inputs[:, layer, num_prefix_tokens(model):].float())
     gh, gw = grid_size(model)
     u, v = svd.u[layer, head, :, mode].to(x.device), svd.v[layer, head, :, mode].to(x.device)
     return (x @ u).reshape(-1, gh, gw), (x @ v).reshape(-1, gh, gw)
@@ -151,7 +190,7 @@ def optimal_attention_images(
         for batch in loader:
             x = _images(batch).to(device)
             model(x)
-            t = rec.inputs[:, layer, P:].float()
+            t = _map_tokens(model, svd, layer, rec.inputs[:, layer, P:].float())
             qm, km = t @ u, t @ v
             for sign, s in (('+', 1.0), ('-', -1.0)):
                 score = (s * qm).amax(1) * (s * km).amax(1)
