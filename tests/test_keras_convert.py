@@ -7,6 +7,7 @@ can only be compared against that scale)."""
 import keras_vib  # noqa: F401  (sets the Keras backend default before keras is imported)
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import timm_vib  # noqa: F401  (registers the timm models)
 from keras_vib import from_timm, kl_and_latents, to_timm_state_dict, vit_tiny_vib
 
 MAX_REL_ERR = {}
+FIXTURE = Path(__file__).resolve().parent / 'data' / 'timm_vit_tiny_vib'
 
 
 def timm_model(name='vit_tiny_vib', img_size=32, patch_size=8, depth=2, num_classes=5, seed=0, **kw):
@@ -232,3 +234,18 @@ def test_report_max_relative_error():
     if MAX_REL_ERR:
         worst = max(MAX_REL_ERR, key=MAX_REL_ERR.get)
         print(f'\nmax relative error timm -> keras: {MAX_REL_ERR[worst]:.2e} ({worst})')
+
+
+def test_committed_timm_fixture_is_timms_answer():
+    """tests/data/timm_vit_tiny_vib (read by the torch-free tests) holds timm's logits and KL for its weights."""
+    from safetensors.torch import load_file
+    folder = FIXTURE
+    cfg = json.loads((folder / 'config.json').read_text())
+    m = timm.create_model(cfg['architecture'], **cfg['model_args']).eval()
+    m.load_state_dict(load_file(str(folder / 'model.safetensors')))
+    ref = np.load(folder / 'expected.npz')
+    with torch.no_grad():
+        logits, kl = m(torch.from_numpy(ref['images']), return_kl=True)
+    np.testing.assert_allclose(logits.numpy(), ref['logits'], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kl.numpy(), ref['kl'], rtol=1e-5, atol=1e-7)
+    assert np.abs(ref['kl']).max() > 1e-2  # not a trivial KL
