@@ -95,16 +95,15 @@ class BetaWarmup(keras.callbacks.Callback):
             raise ValueError('BetaWarmup needs a keras_vib model with bottlenecks (attn_mode="vib")')
         if self.target is None:
             self.target = self.model.beta
+        self._in_force = self.model.beta
 
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
         self.step = self._epoch_start + batch  # batch counts updates also with steps_per_execution > 1
         value = beta_at(self.target, self.step, self.warmup_steps, self.schedule)
-        if value != self.model.beta:
-            if keras.backend.backend() == 'jax':
-                # fit holds the variables' values in its own state between steps: hand them back to
-                # the model first, so that the next step reads the new beta
-                self.model.jax_state_sync()
-            self.model.beta = value
+        if value != self._in_force:
+            # on JAX, reading self.model hands fit's state back to the model (Keras's Callback.model does
+            # that sync), so the next step reads the new value; after the ramp the model is not touched
+            self.model.beta = self._in_force = value
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         self._epoch_start = self.step + 1
