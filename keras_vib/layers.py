@@ -77,7 +77,8 @@ class GaussianBottleneck(keras.layers.Layer):
         num_heads, head_dim: heads and their width.
         vib_dim: latent size r per head.
         kl_weight: if > 0 the layer adds ``kl_weight * mean(KL)`` (nats, mean over every axis) to
-            its losses, so ``fit`` optimises it; the models set it to beta / depth.
+            its losses, so ``fit`` optimises it (standalone use; VisionTransformerVIB leaves it at 0
+            and adds beta * mean KL itself, beta being a variable).
         logvar_init: initial log-variance bias (-6: the posteriors start nearly deterministic).
         logvar_clamp: (min, max) of the log-variance.
         seed: seed of the noise.
