@@ -23,7 +23,7 @@ def _example():
 @pytest.mark.timeout(240)
 def test_fit_on_digits_learns_and_kl_follows_beta(capsys):
     ex = _example()
-    common = ['--epochs', '6', '--batch-size', '128', '--lr', '5e-3', '--warmup-epochs', '0.5', '--verbose', '0', '--seed', '0']
+    common = ['--epochs', '6', '--batch-size', '64', '--lr', '3e-3', '--warmup-epochs', '0.5', '--verbose', '0', '--seed', '0']
     low = ex.main(common + ['--beta', '0.001'])
     table = capsys.readouterr().out.split('KL per head (nats per patch, * active):\n')[1].splitlines()
     assert table[0].split() == ['layer', 'head', '0', 'head', '1'] and len(table) == 1 + 2  # 2 layers x 2 heads
