@@ -246,6 +246,8 @@ def test_committed_timm_fixture_is_timms_answer():
     ref = np.load(folder / 'expected.npz')
     with torch.no_grad():
         logits, kl = m(torch.from_numpy(ref['images']), return_kl=True)
-    np.testing.assert_allclose(logits.numpy(), ref['logits'], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(kl.numpy(), ref['kl'], rtol=1e-5, atol=1e-7)
+    # the module's tolerance (float32 rounding relative to the largest term): a fixture still timm's
+    # answer after a change of summation order, not after a change of the model
+    assert_close(logits.numpy(), ref['logits'], 'fixture logits')
+    assert_close(kl.numpy(), ref['kl'], 'fixture kl')
     assert np.abs(ref['kl']).max() > 1e-2  # not a trivial KL
