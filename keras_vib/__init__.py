@@ -11,6 +11,7 @@ if Keras was imported before keras_vib, its backend stays.
     model = keras_vib.vit_tiny_vib(beta=1.0, num_classes=10, image_size=32, patch_size=4)
     model.compile("adamw", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(images_nhwc, labels)          # optimises CE + beta * mean KL (nats)
+    # the paper's recipe: keras_vib.paper_optimizer, keras_vib.cosine_schedule, keras_vib.BetaWarmup
     out = keras_vib.kl_and_latents(model, images_nhwc)   # kl [B, depth, heads, tokens], mu, logvar
     model = keras_vib.from_timm("path/to/folder")        # timm weights (folder, file, module, Hub id)
 """
@@ -75,6 +76,7 @@ from .models import (  # noqa: E402
     vit_tiny_vib_b10,
 )
 from .convert import from_timm, load_timm_weights, to_timm_state_dict  # noqa: E402
+from .recipe import BetaWarmup, beta_at, cosine_schedule, no_weight_decay_variables, paper_optimizer  # noqa: E402
 
 __all__ = [
     'GaussianBottleneck', 'VIBMultiHeadAttention', 'TransformerBlock', 'MlpBlock', 'PatchEmbedding',
@@ -82,4 +84,5 @@ __all__ = [
     'create_model', 'MODEL_NAMES', 'PRESETS', 'from_timm', 'load_timm_weights', 'to_timm_state_dict',
     'vit_tiny_vib', 'vit_tiny_vib_b0', 'vit_tiny_vib_b0p01', 'vit_tiny_vib_b0p1', 'vit_tiny_vib_b1',
     'vit_tiny_vib_b4', 'vit_tiny_vib_b10', 'vit_tiny_noattn', 'vit_tiny_gap',
+    'paper_optimizer', 'cosine_schedule', 'no_weight_decay_variables', 'BetaWarmup', 'beta_at',
 ]

@@ -9,9 +9,9 @@ else (pos_embed, the stacked per-head bottleneck weights, norms) is stored as ti
 The images change layout too: Keras takes NHWC, timm NCHW.
 """
 import json
-import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -106,8 +106,8 @@ def _to_timm(v: np.ndarray, layout: str) -> np.ndarray:
 def timm_config_from_state_dict(sd: Mapping[str, Any]) -> Dict[str, Any]:
     """The keras_vib model arguments that a timm_vib state dict determines by its names and shapes.
 
-    image_size assumes a square grid (pass image_size to from_timm otherwise); num_heads is only
-    determined by the bottleneck weights (3, ViT-Tiny's, is assumed otherwise unless given).
+    Neither the image grid (16 tokens may be 4 x 4 or 2 x 8 patches) nor, without a bottleneck, the
+    number of heads (qkv is [3 x dim, dim] for any count) is determined: they are not returned.
     """
     if 'patch_embed.proj.weight' not in sd or 'pos_embed' not in sd:
         raise ValueError('not a timm ViT state dict: it has no patch_embed.proj.weight / pos_embed')
@@ -125,9 +125,6 @@ def timm_config_from_state_dict(sd: Mapping[str, Any]) -> Dict[str, Any]:
         mode = 'none'
     cfg = dict(embed_dim=int(e), in_chans=int(c), patch_size=(int(ph), int(pw)), depth=depth, attn_mode=mode,
                num_classes=int(sd['head.weight'].shape[0]) if 'head.weight' in sd else 0)
-    side = math.isqrt(int(n))
-    if side * side == n:
-        cfg['image_size'] = (side * int(ph), side * int(pw))
     if 'blocks.0.mlp.fc1.weight' in sd:
         cfg['mlp_ratio'] = sd['blocks.0.mlp.fc1.weight'].shape[0] / e
     if mode != 'none':
@@ -171,23 +168,40 @@ def _config_from_folder_json(cfg: Mapping[str, Any], where: str) -> Dict[str, An
     return out
 
 
+_SAFETENSORS_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16'}
+
+
 def _read_safetensors(path: Path) -> Dict[str, np.ndarray]:
+    """A .safetensors file as numpy arrays, torch not needed (bfloat16 through ml_dtypes, which Keras
+    depends on: numpy itself has no bfloat16, so safetensors.numpy cannot read it)."""
+    from safetensors.numpy import load_file
     try:
-        from safetensors.numpy import load_file
         return load_file(str(path))
-    except (TypeError, ValueError):  # bfloat16 has no numpy dtype: go through torch
-        from safetensors.torch import load_file as load_torch
-        return {k: _to_numpy(v) for k, v in load_torch(str(path)).items()}
+    except TypeError:
+        pass  # a dtype numpy does not know: read the format (8-byte header size, JSON header, data)
+    except Exception as e:  # safetensors' own error type for a truncated or corrupt file
+        raise ValueError(f'{path} is not a readable .safetensors file ({e})') from None
+    import ml_dtypes
+    with open(path, 'rb') as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
+        data = f.read()
+    out = {}
+    for key, info in header.items():
+        if key == '__metadata__':
+            continue
+        if info['dtype'] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f'{path}: {key} has dtype {info["dtype"]}; keras_vib reads float weights only')
+        dtype = getattr(ml_dtypes, 'bfloat16') if info['dtype'] == 'BF16' else np.dtype(_SAFETENSORS_DTYPES[info['dtype']])
+        start, end = info['data_offsets']
+        out[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(info['shape']).astype('float32')
+    return out
 
 
 def _resolve(source) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], str]:
     """(state dict as numpy, model arguments known besides the shapes, description)."""
-    try:
-        import torch
-        if isinstance(source, torch.nn.Module):
-            return _from_module(source)
-    except ImportError:
-        pass
+    torch = sys.modules.get('torch')  # a torch module can only come from an imported torch
+    if torch is not None and isinstance(source, torch.nn.Module):
+        return _from_module(source)
     if isinstance(source, Mapping):
         sd = source.get('state_dict', source.get('model', source)) if 'pos_embed' not in source else source
         return {k: _to_numpy(v) for k, v in sd.items()}, {}, 'the state dict'
@@ -302,8 +316,10 @@ def from_timm(source, *, model: Optional[VisionTransformerVIB] = None, **kwargs:
             or a Hugging Face Hub repo id (``'org/name'`` or ``'hf-hub:org/name'``).
         model: load into this existing Keras model instead of building one (errors name any mismatch).
         **kwargs: model arguments the checkpoint does not determine or to override (``beta``,
-            ``image_size`` for a non-square grid, ``num_heads`` for a checkpoint without bottleneck,
-            ``dtype``, ``name``, ``seed``).
+            ``dtype``, ``name``, ``seed``). Without a ``config.json`` (a state dict, a lone
+            ``.safetensors``) the weights fix most of the architecture but not the image grid, nor the
+            head count of attention without bottleneck: pass ``image_size`` (and ``num_heads``), or
+            from_timm raises ValueError rather than guess.
 
     Returns:
         The model; in inference its logits and KL match the timm model's on the same images
@@ -317,9 +333,20 @@ def from_timm(source, *, model: Optional[VisionTransformerVIB] = None, **kwargs:
     name = extra.pop('name', None)
     cfg.update(extra)
     cfg.update(kwargs)
-    cfg['image_size'] = tuple(cfg['image_size']) if isinstance(cfg.get('image_size'), (list, tuple)) else cfg.get('image_size')
-    if cfg.get('image_size') is None:
-        raise ValueError(f'{where}: {n} tokens is not a square grid; pass image_size=(height, width)')
+    # what the weights do not determine comes from config.json (or the module, or kwargs), never a guess:
+    # a wrong grid or head count loads without error and changes every prediction
+    if name is None:
+        missing = []
+        if cfg.get('image_size') is None:
+            missing.append(f'image_size=(height, width) ({n} tokens of {cfg["patch_size"][0]}x{cfg["patch_size"][1]} '
+                           'patches fit several grids)')
+        if cfg['attn_mode'] == 'plain' and cfg.get('num_heads') is None:
+            missing.append('num_heads (attention without a bottleneck has the same weight shapes for any head count)')
+        if missing:
+            raise ValueError(f'{where} has no {CONFIG_NAME} and its weights do not determine the architecture: pass '
+                             + ' and '.join(missing) + f', or load the model folder with its {CONFIG_NAME}')
+    if isinstance(cfg.get('image_size'), list):
+        cfg['image_size'] = tuple(cfg['image_size'])
     if cfg['attn_mode'] != 'vib':
         cfg.pop('vib_dim', None)
         cfg.pop('vib_hidden', None)

@@ -78,7 +78,8 @@ class GaussianBottleneck(keras.layers.Layer):
         num_heads, head_dim: heads and their width.
         vib_dim: latent size r per head.
         kl_weight: if > 0 the layer adds ``kl_weight * mean(KL)`` (nats, mean over every axis) to
-            its losses, so ``fit`` optimises it; the models set it to beta / depth.
+            its losses, so ``fit`` optimises it (standalone use; VisionTransformerVIB leaves it at 0
+            and adds beta * mean KL itself, beta being a variable).
         logvar_init: initial log-variance bias (-6: the posteriors start nearly deterministic).
         logvar_clamp: (min, max) of the log-variance.
         seed: seed of the noise.
@@ -152,28 +153,72 @@ class GaussianBottleneck(keras.layers.Layer):
                     'dec_in_weight', 'dec_in_bias', 'dec_weight', 'dec_bias')
         return ('enc_weight', 'enc_bias', 'dec_weight', 'dec_bias')
 
-    def encode(self, x):
-        """[..., H, head_dim] -> mu, logvar [..., H, r] (logvar clamped)."""
-        stats = ops.einsum('...hd,hde->...he', x, self.enc_weight) + self.enc_bias
+    def encode_hidden(self, a):
+        """The encoder after its first layer's matmul: [..., H, vib_hidden or 2r] (that matmul's output,
+        without bias) -> mu, logvar [..., H, r] (logvar clamped)."""
+        stats = a + ops.cast(self.enc_bias, a.dtype)
         if self.vib_hidden:
-            stats = ops.einsum('...hd,hde->...he', ops.gelu(stats, approximate=False), self.enc_out_weight)
-            stats = stats + self.enc_out_bias
+            stats = ops.einsum('...hd,hde->...he', ops.gelu(stats, approximate=False),
+                               ops.cast(self.enc_out_weight, a.dtype))
+            stats = stats + ops.cast(self.enc_out_bias, a.dtype)
         mu, logvar = ops.split(stats, 2, axis=-1)
         return mu, ops.clip(logvar, *self.logvar_clamp)
 
+    def encode(self, x):
+        """[..., H, head_dim] -> mu, logvar [..., H, r] (logvar clamped)."""
+        return self.encode_hidden(ops.einsum('...hd,hde->...he', x, ops.cast(self.enc_weight, x.dtype)))
+
+    def sample(self, mu, logvar, training=None):
+        """z = mu + exp(logvar / 2) * eps in training, mu in inference."""
+        if not training:
+            return mu
+        eps = keras.random.normal(ops.shape(mu), dtype=mu.dtype, seed=self.seed_generator)
+        return mu + ops.exp(0.5 * logvar) * eps
+
+    def decode_hidden(self, z):
+        """The decoder before its last layer's matmul: [..., H, r] -> [..., H, vib_hidden or r]."""
+        if not self.vib_hidden:
+            return z
+        h = ops.einsum('...hr,hrd->...hd', z, ops.cast(self.dec_in_weight, z.dtype))
+        return ops.gelu(h + ops.cast(self.dec_in_bias, z.dtype), approximate=False)
+
     def decode(self, z):
         """[..., H, r] -> [..., H, head_dim]."""
-        if self.vib_hidden:
-            z = ops.gelu(ops.einsum('...hr,hrd->...hd', z, self.dec_in_weight) + self.dec_in_bias, approximate=False)
-        return ops.einsum('...hr,hrd->...hd', z, self.dec_weight) + self.dec_bias
+        h = self.decode_hidden(z)
+        return ops.einsum('...hr,hrd->...hd', h, ops.cast(self.dec_weight, h.dtype)) + ops.cast(self.dec_bias, h.dtype)
+
+    def fold_value(self, kernel, bias=None):
+        """The value projection composed with the encoder's first layer (without its bias, which is
+        added after attention: attention rows sum to one, so softmax(.) (v W + b) = softmax(.) v W + b).
+
+        kernel [C, H * head_dim] (Keras Dense layout), bias [H * head_dim] or None ->
+        kernel [C, H * width], bias [H * width] or None; width = vib_hidden, or 2r when linear.
+        """
+        H, D = self.num_heads, self.head_dim
+        w = ops.cast(self.enc_weight, kernel.dtype)
+        c = ops.shape(kernel)[0]
+        folded = ops.reshape(ops.einsum('chd,hde->che', ops.reshape(kernel, (c, H, D)), w), (c, -1))
+        if bias is None:
+            return folded, None
+        return folded, ops.reshape(ops.einsum('hd,hde->he', ops.reshape(bias, (H, D)), w), (-1,))
+
+    def fold_output(self, kernel, bias=None):
+        """The decoder's last layer composed with the output projection.
+
+        kernel [H * head_dim, C] (Keras Dense layout), bias [C] or None -> kernel [H * width, C],
+        bias [C]; width = vib_hidden, or r when linear.
+        """
+        H, D = self.num_heads, self.head_dim
+        w = ops.cast(self.dec_weight, kernel.dtype)
+        c = ops.shape(kernel)[-1]
+        k3 = ops.reshape(kernel, (H, D, c))
+        folded = ops.reshape(ops.einsum('hdc,hed->hec', k3, w), (-1, c))
+        b = ops.matmul(ops.reshape(ops.cast(self.dec_bias, kernel.dtype), (1, -1)), kernel)[0]
+        return folded, b if bias is None else b + bias
 
     def call(self, inputs, training=None, return_latents: bool = False):
         mu, logvar = self.encode(inputs)
-        if training:
-            eps = keras.random.normal(ops.shape(mu), dtype=mu.dtype, seed=self.seed_generator)
-            z = mu + ops.exp(0.5 * logvar) * eps
-        else:
-            z = mu
+        z = self.sample(mu, logvar, training)
         if self.kl_weight:
             self.add_loss(self.kl_weight * ops.mean(gaussian_kl(mu, logvar)))
         out = self.decode(z)
@@ -198,6 +243,9 @@ class VIBMultiHeadAttention(keras.layers.Layer):
 
     [batch, tokens, dim] -> [batch, tokens, dim]. The fused ``qkv`` Dense has timm's layout
     (q, k, v blocks, each head-major). ``vib_dim=None`` gives plain attention (timm's, no bottleneck).
+    With a bottleneck, the encoder's first layer is folded into the value projection and the
+    decoder's last layer into the output projection (as timm_vib does), so attention runs on the
+    encoder width and no head_dim-wide intermediate is formed; the weights stay in timm's layout.
     ``call(x, return_latents=True)`` returns (out, mu, logvar), mu/logvar [batch, tokens, heads, r]
     (None without a bottleneck).
     """
@@ -242,16 +290,32 @@ class VIBMultiHeadAttention(keras.layers.Layer):
         self.proj.build(tuple(input_shape[:-1]) + (self.dim,))
 
     def call(self, x, training=None, return_latents: bool = False):
-        H, D = self.num_heads, self.head_dim
+        H, D, C = self.num_heads, self.head_dim, self.dim
         n = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
-        qkv = ops.reshape(self.qkv(x), (-1, n, 3, H, D))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, D]
-        # torch backend: F.scaled_dot_product_attention, timm's fused kernel
-        heads = ops.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(D))
-        mu = logvar = None
-        if self.vib is not None:
-            heads, mu, logvar = self.vib(heads, training=training, return_latents=True)
-        out = self.proj(ops.reshape(heads, (-1, n, self.dim)))
+        vib = self.vib
+        if vib is None:
+            qkv = ops.reshape(self.qkv(x), (-1, n, 3, H, D))
+            heads = _attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], D)  # [B, N, H, D]
+            out = self.proj(ops.reshape(heads, (-1, n, C)))
+            return (out, None, None) if return_latents else out
+        # as timm_vib: the encoder's first layer folds into the value projection and the decoder's
+        # last layer into the output projection, so attention runs on the narrower encoder width
+        kernel = ops.cast(self.qkv.kernel, x.dtype)
+        bias = ops.cast(self.qkv.bias, x.dtype) if self.qkv_bias else None
+        w_v, b_v = vib.fold_value(kernel[:, 2 * C:], None if bias is None else bias[2 * C:])
+        y = ops.matmul(x, ops.concatenate([kernel[:, :2 * C], w_v], axis=1))
+        if bias is not None:
+            y = y + ops.concatenate([bias[:2 * C], b_v])
+        q = ops.reshape(y[..., :C], (-1, n, H, D))
+        k = ops.reshape(y[..., C:2 * C], (-1, n, H, D))
+        v = ops.reshape(y[..., 2 * C:], (-1, n, H, w_v.shape[-1] // H))
+        mu, logvar = vib.encode_hidden(_attention(q, k, v, D))
+        z = vib.sample(mu, logvar, training)
+        if self.kl_weight:
+            self.add_loss(self.kl_weight * ops.mean(gaussian_kl(mu, logvar)))
+        h = vib.decode_hidden(z)
+        w_o, b_o = vib.fold_output(ops.cast(self.proj.kernel, x.dtype), ops.cast(self.proj.bias, x.dtype))
+        out = ops.matmul(ops.reshape(h, (-1, n, h.shape[-2] * h.shape[-1])), w_o) + b_o
         return (out, mu, logvar) if return_latents else out
 
     def compute_output_shape(self, input_shape):
@@ -263,6 +327,14 @@ class VIBMultiHeadAttention(keras.layers.Layer):
             dim=self.dim, num_heads=self.num_heads, vib_dim=self.vib_dim, qkv_bias=self.qkv_bias,
             kl_weight=self.kl_weight, logvar_init=self.logvar_init, seed=self.seed, vib_hidden=self.vib_hidden)
         return config
+
+
+def _attention(q, k, v, head_dim: int):
+    """softmax(q k^T / sqrt(head_dim)) v per head: q, k [B, N, H, D], v [B, N, H, Dv] -> [B, N, H, Dv]."""
+    if keras.backend.backend() == 'torch':  # F.scaled_dot_product_attention, timm's fused kernel
+        return ops.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(head_dim))
+    logits = ops.einsum('bqhd,bkhd->bhqk', q, k) * ops.cast(1.0 / math.sqrt(head_dim), q.dtype)
+    return ops.einsum('bhqk,bkhd->bqhd', ops.softmax(logits, axis=-1), v)
 
 
 class _Mlp(keras.layers.Layer):

@@ -6,8 +6,8 @@ convention of ``timm_vib.information_loss`` that the published betas use), so
     model.compile(optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(images, labels)
 
-optimises CE + beta * KL. Each bottleneck adds its layer's mean KL times beta / depth; every layer
-has the same batch x heads x tokens count, so the sum is beta times the mean over all of them.
+optimises CE + beta * KL. beta is held in a non-trainable variable (``model.beta_variable``) that the
+loss reads, so a compiled train step sees a new value (``BetaWarmup`` ramps it during ``fit``).
 """
 from typing import Any, Dict, Literal, Optional, Sequence, Union
 
@@ -96,7 +96,6 @@ class VisionTransformerVIB(keras.Model):
         dt = self.dtype_policy
         self.patch_embed = PatchEmbedding(
             self.image_size, self.patch_size, embed_dim, in_chans, dtype=dt, name='patch_embed')
-        kl_weight = self._beta / self.depth if attn_mode == 'vib' else 0.0
         self.blocks = []
         for i in range(self.depth):
             if attn_mode == 'none':
@@ -104,7 +103,7 @@ class VisionTransformerVIB(keras.Model):
             else:
                 blk = TransformerBlock(
                     embed_dim, num_heads, mlp_ratio, vib_dim=vib_dim if attn_mode == 'vib' else None,
-                    qkv_bias=qkv_bias, kl_weight=kl_weight, logvar_init=vib_logvar_init,
+                    qkv_bias=qkv_bias, kl_weight=0.0, logvar_init=vib_logvar_init,
                     layer_norm_epsilon=layer_norm_epsilon, seed=None if seed is None else seed + i,
                     vib_hidden=vib_hidden, dtype=dt, name=f'blocks_{i}')
             self.blocks.append(blk)
@@ -120,13 +119,12 @@ class VisionTransformerVIB(keras.Model):
 
     @beta.setter
     def beta(self, value: float) -> None:
-        # the bottlenecks read it as a Python float: a jit-compiled train step (jax) must be
-        # recompiled (model.compile again) to see a new value; the torch backend sees it at once
+        # the loss reads the non-trainable variable ``beta_variable``, so a compiled train step
+        # (JAX, TensorFlow) sees a new value without recompiling; on JAX, inside fit, sync the
+        # state first (``model.jax_state_sync()``, as BetaWarmup does)
         self._beta = _check_beta(value)
-        for blk in self.blocks:
-            if isinstance(blk, TransformerBlock) and blk.attn.vib is not None:
-                w = self._beta / self.depth
-                blk.kl_weight = blk.attn.kl_weight = blk.attn.vib.kl_weight = w
+        if self.attn_mode == 'vib':
+            self.beta_variable.assign(self._beta)
 
     @property
     def num_patches(self) -> int:
@@ -141,6 +139,10 @@ class VisionTransformerVIB(keras.Model):
         for blk in self.blocks:
             blk.build(tokens)
         self.head.build(tokens)
+        if self.attn_mode == 'vib' and not hasattr(self, 'beta_variable'):
+            self.beta_variable = self.add_weight(
+                name='beta', shape=(), dtype='float32', trainable=False,
+                initializer=keras.initializers.Constant(self._beta))
         self.built = True
 
     def _who(self) -> str:
@@ -162,7 +164,13 @@ class VisionTransformerVIB(keras.Model):
         return (x, mus, logvars) if return_latents else x
 
     def call(self, images, training=None):
-        return self.head(self.forward_features(images, training=training))
+        if self.attn_mode != 'vib':
+            return self.head(self.forward_features(images, training=training))
+        x, mus, logvars = self.forward_features(images, training=training, return_latents=True)
+        # beta * mean KL over batch, layers, heads and tokens (every layer has as many terms)
+        kl = ops.mean(ops.stack([ops.mean(gaussian_kl(mu, logvar)) for mu, logvar in zip(mus, logvars)]))
+        self.add_loss(self.beta_variable * kl)
+        return self.head(x)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_classes or self.embed_dim)

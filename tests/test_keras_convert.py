@@ -7,6 +7,7 @@ can only be compared against that scale)."""
 import keras_vib  # noqa: F401  (sets the Keras backend default before keras is imported)
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import timm_vib  # noqa: F401  (registers the timm models)
 from keras_vib import from_timm, kl_and_latents, to_timm_state_dict, vit_tiny_vib
 
 MAX_REL_ERR = {}
+FIXTURE = Path(__file__).resolve().parent / 'data' / 'timm_vit_tiny_vib'
 
 
 def timm_model(name='vit_tiny_vib', img_size=32, patch_size=8, depth=2, num_classes=5, seed=0, **kw):
@@ -89,12 +91,14 @@ def test_from_timm_module_matches_timm(name, img_size, patch_size, vib_dim):
 
 def test_from_state_dict_file_and_folders(tmp_path, monkeypatch):
     m = timm_model('vit_tiny_vib_b4', img_size=32, patch_size=8, vib_dim=16, in_chans=1)
-    # a state dict (torch tensors)
-    check_equivalent(m, from_timm(m.state_dict(), beta=4.0), 'state dict')
-    # a lone safetensors file: shapes only (square grid assumed)
+    # a state dict (torch tensors): the shapes fix all but the image grid
+    check_equivalent(m, from_timm(m.state_dict(), beta=4.0, image_size=32), 'state dict')
+    # a lone safetensors file: shapes only; 16 tokens could be 4 x 4 or 2 x 8 patches, so no guess
     save_file(m.state_dict(), str(tmp_path / 'weights.safetensors'))
-    km = from_timm(tmp_path / 'weights.safetensors')
-    assert km.in_chans == 1 and km.image_size == (32, 32) and km.beta == 1.0
+    with pytest.raises(ValueError, match=r'no config.json.*image_size=\(height, width\) \(16 tokens'):
+        from_timm(tmp_path / 'weights.safetensors')
+    km = from_timm(tmp_path / 'weights.safetensors', image_size=32)
+    assert km.in_chans == 1 and km.image_size == (32, 32) and km.beta == 1.0 and km.num_heads == 3
     check_equivalent(m, km, 'safetensors file')
     # a folder as timm's save_for_hf (what timm_vib's Hub code writes)
     save_for_hf(m, str(tmp_path / 'hf'), model_args=dict(img_size=32, patch_size=8, depth=2, vib_dim=16, in_chans=1),
@@ -126,6 +130,47 @@ def test_hand_written_folder_with_beta_in_model_args(tmp_path):
     km = from_timm(tmp_path)
     assert km.beta == 2.5 and km.vib_dim == 4
     check_equivalent(m, km, 'hand-written folder')
+
+
+def test_from_timm_refuses_to_guess_the_head_count():
+    # the weights of attention without bottleneck are the same shapes for 2 or 3 heads (qkv [3C, C]):
+    # built with 3, a 2-head model would load without error and predict differently
+    m = timm_model('vit_tiny_gap', num_heads=2, embed_dim=64)
+    with torch.no_grad():  # sharp attention, so that how the channels group into heads shows
+        for b in m.blocks:
+            b.attn.qkv.weight.normal_(0, 0.5)
+    with pytest.raises(ValueError, match='pass num_heads'):
+        from_timm(m.state_dict(), image_size=32)
+    wrong = from_timm(m.state_dict(), image_size=32, num_heads=4)
+    x = nchw(m)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    diff = np.abs(ops.convert_to_numpy(wrong(x.permute(0, 2, 3, 1).numpy())) - ref).max()
+    assert diff > 0.05 * np.abs(ref).max(), diff
+    check_equivalent(m, from_timm(m.state_dict(), image_size=32, num_heads=2), 'gap state dict, 2 heads')
+    # a bottlenecked checkpoint says its heads ([heads, head_dim, ...] bottleneck weights)
+    v = timm_model('vit_tiny_vib', num_heads=2, embed_dim=64, vib_dim=4)
+    km = from_timm(v.state_dict(), image_size=32)
+    assert km.num_heads == 2
+    check_equivalent(v, km, 'vib state dict, 2 heads')
+    # the module and a folder say everything: no argument needed
+    assert from_timm(m).num_heads == 2
+
+
+def test_bfloat16_safetensors_without_torch_reader(tmp_path, monkeypatch):
+    m = timm_model('vit_tiny_vib', vib_dim=4)
+    save_file({k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}, str(tmp_path / 'model.safetensors'))
+    # read through numpy + ml_dtypes: safetensors' torch reader is not used
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, 'load_file', None)
+    km = from_timm(tmp_path / 'model.safetensors', image_size=32)
+    back = to_timm_state_dict(km)
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(back[k], v.to(torch.bfloat16).float().numpy(), err_msg=k)
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'model.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
+    with pytest.raises(ValueError, match='not a readable .safetensors file'):
+        from_timm(tmp_path / 'bad' / 'model.safetensors', image_size=32)
 
 
 def test_keras_weights_back_to_timm():
@@ -189,3 +234,20 @@ def test_report_max_relative_error():
     if MAX_REL_ERR:
         worst = max(MAX_REL_ERR, key=MAX_REL_ERR.get)
         print(f'\nmax relative error timm -> keras: {MAX_REL_ERR[worst]:.2e} ({worst})')
+
+
+def test_committed_timm_fixture_is_timms_answer():
+    """tests/data/timm_vit_tiny_vib (read by the torch-free tests) holds timm's logits and KL for its weights."""
+    from safetensors.torch import load_file
+    folder = FIXTURE
+    cfg = json.loads((folder / 'config.json').read_text())
+    m = timm.create_model(cfg['architecture'], **cfg['model_args']).eval()
+    m.load_state_dict(load_file(str(folder / 'model.safetensors')))
+    ref = np.load(folder / 'expected.npz')
+    with torch.no_grad():
+        logits, kl = m(torch.from_numpy(ref['images']), return_kl=True)
+    # the module's tolerance (float32 rounding relative to the largest term): a fixture still timm's
+    # answer after a change of summation order, not after a change of the model
+    assert_close(logits.numpy(), ref['logits'], 'fixture logits')
+    assert_close(kl.numpy(), ref['kl'], 'fixture kl')
+    assert np.abs(ref['kl']).max() > 1e-2  # not a trivial KL

@@ -3,6 +3,13 @@
 ``import timm_vib`` registers the ``vit_tiny_vib*``, ``vit_tiny_noattn`` and ``vit_tiny_gap``
 models with timm, so ``timm.create_model("vit_tiny_vib_b4")`` works.
 """
+try:
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+except ImportError as e:  # a Keras-only install (timm-vib[keras]) has neither
+    raise ImportError(f'timm_vib needs torch and timm ({e.name} is not installed): pip install "timm-vib[torch]". '
+                      'The Keras port, keras_vib, works without them.') from e
+
 from .information import KL_REDUCTIONS, gaussian_kl, information_loss, information_per_sample
 from .vision_transformer_vib import (
     ATTN_MODES,

@@ -1,0 +1,109 @@
+"""The paper's training recipe (appendix A) for ``model.fit``, as timm_vib's trainer runs it.
+
+    optimizer = keras_vib.paper_optimizer(model, learning_rate=keras_vib.cosine_schedule(6e-4, total, warmup))
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=epochs, callbacks=[keras_vib.BetaWarmup(warmup_steps=steps_per_epoch * epochs // 10)])
+
+AdamW with weight decay off for biases, 1-D weights (LayerNorm) and every bottleneck weight (the
+position embedding is decayed, as in the paper); cosine decay after a linear warm-up, stepped per
+update; beta ramped up per update with timm_vib's ``beta_at`` (linear or the reference code's log ramp).
+"""
+import math
+from typing import List, Optional
+
+import keras
+
+from .layers import GaussianBottleneck
+
+__all__ = ['no_weight_decay_variables', 'paper_optimizer', 'cosine_schedule', 'beta_at', 'BetaWarmup',
+           'BETA_SCHEDULES']
+
+BETA_SCHEDULES = ('linear', 'log')
+LOG_RAMP_START = 1e-8  # the reference code's start of its log ramp
+
+
+def no_weight_decay_variables(model: keras.Model) -> List[keras.Variable]:
+    """The trainable variables AdamW must not decay: biases and other 1-D weights (LayerNorm scale and
+    shift) and every weight of every :class:`GaussianBottleneck` (timm_vib's ``no_weight_decay``)."""
+    bottleneck = {id(v) for layer in model._flatten_layers() if isinstance(layer, GaussianBottleneck)
+                  for v in layer.trainable_variables}
+    return [v for v in model.trainable_variables if len(v.shape) <= 1 or id(v) in bottleneck]
+
+
+def paper_optimizer(model: keras.Model, learning_rate=6e-4, weight_decay: float = 0.05,
+                    **kwargs) -> keras.optimizers.AdamW:
+    """AdamW (lr 6e-4, weight decay 0.05 by default) without decay on :func:`no_weight_decay_variables`.
+
+    learning_rate: a float or a schedule (:func:`cosine_schedule`); kwargs go to ``keras.optimizers.AdamW``.
+    """
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
+    optimizer.exclude_from_weight_decay(var_list=no_weight_decay_variables(model))
+    return optimizer
+
+
+def cosine_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                    min_learning_rate: float = 1e-6) -> keras.optimizers.schedules.CosineDecay:
+    """Linear warm-up from ``min_learning_rate`` to ``learning_rate`` over ``warmup_steps`` updates, then
+    cosine decay to ``min_learning_rate`` at ``total_steps`` (timm's cosine schedule stepped per update,
+    the timm_vib trainer's defaults: 10 warm-up epochs, min lr 1e-6)."""
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f'warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}')
+    if not 0 <= min_learning_rate <= learning_rate:
+        raise ValueError(f'min_learning_rate must be in [0, learning_rate={learning_rate}], got {min_learning_rate}')
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=min_learning_rate if warmup_steps else learning_rate,
+        decay_steps=total_steps - warmup_steps, alpha=min_learning_rate / learning_rate,
+        warmup_target=learning_rate if warmup_steps else None, warmup_steps=warmup_steps)
+
+
+def beta_at(beta: float, update: int, warmup_updates: int, schedule: str = 'linear') -> float:
+    """The information cost in force at update ``update`` (0-based) of a warm-up over ``warmup_updates``
+    updates, as ``timm_vib.training.beta_at``: ``linear`` rises from beta / warmup_updates to beta,
+    ``log`` geometrically from 1e-8 to beta; beta itself afterwards."""
+    if schedule not in BETA_SCHEDULES:
+        raise ValueError(f'beta schedule must be one of {BETA_SCHEDULES}, got {schedule!r}')
+    if update >= warmup_updates or beta == 0:
+        return beta
+    if schedule == 'linear':
+        return beta * (update + 1) / warmup_updates
+    return math.exp(math.log(LOG_RAMP_START) + (math.log(beta) - math.log(LOG_RAMP_START)) * update / warmup_updates)
+
+
+class BetaWarmup(keras.callbacks.Callback):
+    """Ramps the model's beta up over the first ``warmup_steps`` updates of ``fit`` (per update, as the
+    timm_vib trainer), then holds it. The model's loss reads beta from a variable, so compiled steps
+    (JAX, TensorFlow) follow without recompiling.
+
+    Args:
+        warmup_steps: updates of the ramp (e.g. 10% of the epochs times the steps per epoch).
+        beta: the final beta; default the model's beta when training starts.
+        schedule: 'linear' or 'log' (see :func:`beta_at`).
+    """
+
+    def __init__(self, warmup_steps: int, beta: Optional[float] = None, schedule: str = 'linear') -> None:
+        super().__init__()
+        if schedule not in BETA_SCHEDULES:
+            raise ValueError(f'beta schedule must be one of {BETA_SCHEDULES}, got {schedule!r}')
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f'warmup_steps must be an integer >= 0, got {warmup_steps!r}')
+        self.warmup_steps, self.target, self.schedule = warmup_steps, beta, schedule
+        self.step = 0  # updates done, across fit calls
+        self._epoch_start = 0
+
+    def on_train_begin(self, logs=None) -> None:
+        if getattr(self.model, 'attn_mode', None) != 'vib':
+            raise ValueError('BetaWarmup needs a keras_vib model with bottlenecks (attn_mode="vib")')
+        if self.target is None:
+            self.target = self.model.beta
+        self._in_force = self.model.beta
+
+    def on_train_batch_begin(self, batch: int, logs=None) -> None:
+        self.step = self._epoch_start + batch  # batch counts updates also with steps_per_execution > 1
+        value = beta_at(self.target, self.step, self.warmup_steps, self.schedule)
+        if value != self._in_force:
+            # on JAX, reading self.model hands fit's state back to the model (Keras's Callback.model does
+            # that sync), so the next step reads the new value; after the ramp the model is not touched
+            self.model.beta = self._in_force = value
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        self._epoch_start = self.step + 1
