@@ -76,7 +76,7 @@ def test_demo_reuses_finished_runs(demo, capsys):
     import argparse
     args = add_demo_args(argparse.ArgumentParser()).parse_args(['--smallest', '--output', str(demo)])
     s = PRESETS['smallest']
-    out = demo / 'runs' / 'vit_tiny_vib_b1'
+    out = demo / 'runs' / 'seed0' / 'vit_tiny_vib_b1'
     targs = training.parse_args(_train_argv(s, args, 'vit_tiny_vib_b1', out))
     targs.beta = None
     assert _reusable(out, targs)
@@ -87,7 +87,7 @@ def test_demo_reuses_finished_runs(demo, capsys):
 
 def test_analyze_command(demo, tmp_path):
     """``timm-vib analyze`` on two runs (no ends): the same report files."""
-    runs = [str(demo / 'runs' / 'vit_tiny_vib_b1'), str(demo / 'runs' / 'vit_tiny_vib_b0p1')]
+    runs = [str(demo / 'runs' / 'seed0' / 'vit_tiny_vib_b1'), str(demo / 'runs' / 'seed0' / 'vit_tiny_vib_b0p1')]
     assert main(['analyze', *runs, '--out', str(tmp_path / 'rep'), '--max-images', '32', '--nmi-samples', '500',
                  '--no-progress']) == 0
     for name in FIGURES:

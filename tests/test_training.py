@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from timm_vib.checkpoints import load_model
 from timm_vib.data import build_datasets, load_run_dataset, read_idx, write_idx
-from timm_vib.training import parse_args, run_sweep, train
+from timm_vib.sweep import run_sweep
+from timm_vib.training import parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model-kwargs', 'depth=1', 'img_size=16', 'patch_size=4', 'embed_dim=48',

@@ -83,7 +83,7 @@ def _order(run: Run) -> Tuple[int, float]:
 def load_runs(run_dirs: Sequence[PathLike]) -> List[Run]:
     """Finished runs (a folder with ``summary.json``, or a sweep folder holding such runs), ordered
     along the spectrum: no attention, beta high to low, plain ViT."""
-    from .hub import find_runs
+    from .runs import find_runs
     dirs: List[Path] = []
     for d in map(Path, run_dirs):
         if (d / 'summary.json').is_file():

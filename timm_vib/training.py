@@ -1,15 +1,9 @@
 """Training through Hugging Face Accelerate: one loop for one CPU, one GPU, many GPUs or nodes.
 
 ``train(args)`` is the loop, written top to bottom like Accelerate's examples; the pieces it uses
-(arguments, model, schedule, evaluation, checkpoints, run files) are the other functions here.
-``examples/train.py`` and the ``timm-vib train`` / ``timm-vib sweep`` commands all call it.
-
-Run folder ``DIR`` (``--output``):
-  run_config.json   every choice: resolved arguments, model, beta, KL convention, data, world size, versions
-  metrics.jsonl     one JSON object per epoch (train / val loss, CE, top-1 / top-5 in %, nats, per-head KL)
-  model.safetensors + config.json   final weights in timm's Hub format (``timm_vib.checkpoints.load_model``)
-  checkpoints/      Accelerate states (model, optimizer, RNGs, sampler) + train_state.json
-  summary.json      written last: its presence means the run finished
+(arguments, model, schedule, evaluation, checkpoints) are the other functions here. The run folder
+it writes (``--output``) is described in :mod:`timm_vib.runs`. ``examples/train.py``, ``timm-vib
+train`` and every run of ``timm-vib sweep`` / ``timm-vib demo`` call it.
 """
 import argparse
 import ast
@@ -27,12 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write_json, atomic_write_text
+from .errors import command
+from .files import atomic_write_json
 from .information import KL_REDUCTIONS, information_loss, information_per_sample
-from .vision_transformer_vib import name_for_beta
+from .runs import METRICS, RUN_CONFIG, SUMMARY, append_metrics, read_metrics, truncate_metrics
 
-__all__ = ['add_train_args', 'parse_args', 'train', 'run_sweep', 'evaluate', 'Checkpoints', 'build_model',
-           'register_cli', 'ACTIVE_KL', 'sweep_model_name']
+__all__ = ['add_train_args', 'parse_args', 'to_argv', 'train', 'evaluate', 'Checkpoints', 'build_model',
+           'register_cli', 'ACTIVE_KL']
 
 ACTIVE_KL = 1e-2  # nats: a head is active if it sends more than this to at least one validation patch (paper)
 BETA_SCHEDULES = ('linear', 'log')
@@ -120,6 +115,27 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the training arguments (``examples/train.py`` and ``timm-vib train`` take the same)."""
     return add_train_args(argparse.ArgumentParser(description='Train a timm_vib model with Accelerate')).parse_args(argv)
+
+
+def to_argv(args: argparse.Namespace) -> List[str]:
+    """The command line that parses back to these training arguments (``parse_args(to_argv(a)) == a``):
+    how a sweep hands a run to another process or to a Slurm job."""
+    defaults = vars(parse_args([]))
+    argv: List[str] = []
+    for key, default in defaults.items():
+        value = getattr(args, key, default)
+        flag = '--' + key.replace('_', '-')
+        if value is None or value == default and not isinstance(default, (list, bool)):
+            continue
+        if isinstance(default, bool):
+            argv += [flag] if value else []
+        elif key == 'model_kwargs':
+            argv += [flag, *(f'{k}={v!r}' for k, v in dict(value).items())] if value else []
+        elif isinstance(default, list):
+            argv += [flag, *map(str, value)] if value else []
+        else:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -328,17 +344,6 @@ def _versions() -> Dict[str, str]:
             'accelerate': accelerate.__version__, 'timm_vib': timm_vib.__version__}
 
 
-def _read_metrics(path: Path) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def _append_metrics(path: Path, row: Dict[str, Any]) -> None:
-    rows = _read_metrics(path) + [row]
-    atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in rows))
-
-
 # Arguments that define what is trained: a resumed run must agree on them with the run it continues.
 _SAME_ON_RESUME = ('model', 'model_kwargs', 'beta', 'kl_reduction', 'beta_warmup_epochs', 'beta_schedule',
                    'data', 'class_list', 'max_train_samples',
@@ -436,7 +441,8 @@ def train(args: argparse.Namespace) -> Path:
         'versions': _versions(),
     }
     ckpts = Checkpoints(accelerator, out / 'checkpoints', args.keep_checkpoints)
-    metrics_path = out / 'metrics.jsonl'
+    sum_dtype = torch.float32 if accelerator.device.type == 'mps' else torch.float64
+    metrics_path = out / METRICS
 
     # 6. Resume: model, optimizer, RNG and sampler states, then our position in the data (and so the lr)
     state = {'epoch': 0, 'batch': 0, 'step': 0, 'samples': 0, 'train_seconds': 0.0, 'sums': [0.0, 0.0, 0.0, 0.0]}
@@ -462,8 +468,7 @@ def train(args: argparse.Namespace) -> Path:
         if resume_from is None:
             atomic_write_json(out / 'run_config.json', config)
         # metrics of epochs after the checkpoint would be repeated: drop them
-        kept = [r for r in _read_metrics(metrics_path) if r['epoch'] <= state['epoch']]
-        atomic_write_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in kept))
+        truncate_metrics(metrics_path, state['epoch'])
     if args.log_with:
         accelerator.init_trackers(out.name, config={k: v for k, v in config['args'].items() if isinstance(v, (int, float, str, bool))})
 
@@ -481,7 +486,9 @@ def train(args: argparse.Namespace) -> Path:
             # after a kill mid-epoch: exactly the batches that were left, in the same order
             loader = skip_first_batches(train_loader, state['batch']) if state['batch'] else train_loader
             progress.reset(task, total=len(train_loader), completed=state['batch'])
-            sums = torch.tensor(state['sums'], dtype=torch.float64)  # loss, ce, correct, samples
+            # loss, ce, correct, samples: summed on the device and read only at the log interval and
+            # the epoch's end, so no step waits for the device (float64 where the device has it)
+            sums = torch.tensor(state['sums'], dtype=sum_dtype, device=accelerator.device)
             t0 = time.perf_counter()
             for batch_idx, (x, y) in enumerate(loader, start=state['batch']):
                 with accelerator.accumulate(model):
@@ -499,8 +506,9 @@ def train(args: argparse.Namespace) -> Path:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 n = x.shape[0]
-                sums += torch.tensor([loss.item() * n, ce.item() * n, (logits.argmax(-1) == y).sum().item(), n],
-                                     dtype=torch.float64)
+                sums += torch.stack([loss.detach().to(sum_dtype) * n, ce.detach().to(sum_dtype) * n,
+                                     (logits.argmax(-1) == y).sum().to(sum_dtype),
+                                     torch.full((), n, dtype=sum_dtype, device=sums.device)])  # a fill, not a copy
                 state['batch'] = batch_idx + 1
                 state['samples'] += n * accelerator.num_processes
                 if accelerator.sync_gradients:
@@ -508,13 +516,14 @@ def train(args: argparse.Namespace) -> Path:
                     scheduler.step_update(num_updates=state['step'])
                     if state['step'] % args.log_interval == 0 or state['batch'] == len(train_loader):
                         nats = kl.detach().sum(dim=(1, 2, 3)).mean().item() if kl is not None else float('nan')
+                        loss_sum, _, correct, count = sums.tolist()
                         progress.update(task, description=(
-                            f'epoch {epoch + 1}/{args.epochs} loss {sums[0] / sums[3]:.3f} '
-                            f'acc {100 * sums[2] / sums[3]:.1f}% nats/img {nats:.1f}'))
+                            f'epoch {epoch + 1}/{args.epochs} loss {loss_sum / count:.3f} '
+                            f'acc {100 * correct / count:.1f}% nats/img {nats:.1f}'))
                     if args.checkpoint_every and state['step'] % args.checkpoint_every == 0 \
                             and state['batch'] < len(train_loader):
                         state['train_seconds'] += time.perf_counter() - t0
-                        state['sums'] = accelerator.reduce(sums.to(accelerator.device), 'sum').tolist()
+                        state['sums'] = accelerator.reduce(sums.clone(), 'sum').tolist()
                         ckpts.save(state)
                         t0 = time.perf_counter()
                     if args.kill_at_step is not None and state['step'] == args.kill_at_step:
@@ -523,7 +532,7 @@ def train(args: argparse.Namespace) -> Path:
             state['train_seconds'] += time.perf_counter() - t0
 
             # 8. End of epoch: gather train metrics, validate, log, checkpoint
-            loss_sum, ce_sum, correct, count = accelerator.reduce(sums.to(accelerator.device), 'sum').tolist()
+            loss_sum, ce_sum, correct, count = accelerator.reduce(sums, 'sum').tolist()
             beta_epoch = beta_at(beta, max(state['step'] - 1, 0), beta_warmup_updates, args.beta_schedule)
             val = evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction)
             row = {'epoch': epoch + 1, 'step': state['step'], 'lr': optimizer.param_groups[0]['lr'], 'beta': beta_epoch,
@@ -534,7 +543,7 @@ def train(args: argparse.Namespace) -> Path:
                 se = stochastic_evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction, args.stochastic_eval)
                 row.update({f'stochastic_{k}': v for k, v in se.items()})
             if accelerator.is_main_process:
-                _append_metrics(metrics_path, row)
+                append_metrics(metrics_path, row)
             accelerator.print(
                 f'epoch {epoch + 1}: train loss {row["train_loss"]:.4f} | val loss {row["val_loss"]:.4f} top-1 '
                 f'{row["val_top1"]:.2f}% top-5 {row["val_top5"]:.2f}% | nats/img {row["nats_per_image"]} | '
@@ -549,9 +558,9 @@ def train(args: argparse.Namespace) -> Path:
     net = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         if not val:  # resumed after the last epoch had already been saved
-            val = {k: v for k, v in _read_metrics(metrics_path)[-1].items()}
+            val = {k: v for k, v in read_metrics(metrics_path)[-1].items()}
         save_model(net, out, model_args=model_args, data_config=spec.data_config(), architecture=arch)
-        last = _read_metrics(metrics_path)[-1]
+        last = read_metrics(metrics_path)[-1]
         se = {k[len('stochastic_'):]: v for k, v in last.items() if k.startswith('stochastic_')} or None
         pe = getattr(net, 'patch_embed', None)
         blocks = getattr(net, 'blocks', [])
@@ -579,71 +588,9 @@ def train(args: argparse.Namespace) -> Path:
     return out
 
 
-# --- sweep --------------------------------------------------------------------------------------
-
-def sweep_model_name(beta: float) -> Tuple[str, Optional[float]]:
-    """beta -> (registered name, beta override): 0.01 -> ('vit_tiny_vib_b0p01', None); 2 -> ('vit_tiny_vib', 2.0)."""
-    import timm
-    name = name_for_beta(beta)
-    return (name, None) if timm.is_model(name) else ('vit_tiny_vib', beta)
-
-
-def run_sweep(args: argparse.Namespace) -> List[Path]:
-    """Train the spectrum one run after another under ``args.output`` (one sub-folder per model:
-    vit_tiny_noattn, the betas, vit_tiny_gap), skipping finished runs and resuming unfinished ones;
-    writes ``sweep.json`` and ``sweep.md``: accuracy vs information for all runs. Returns the run folders."""
-    betas = [float(b) for b in str(args.betas).split(',') if b.strip()]
-    if not betas:
-        raise ValueError('--betas names no beta')
-    root = Path(args.output or 'runs/sweep')
-    plan: List[Tuple[str, str, Optional[float]]] = []
-    if not args.no_ends:
-        plan.append(('vit_tiny_noattn', 'vit_tiny_noattn', None))
-    for b in betas:
-        name, override = sweep_model_name(b)
-        plan.append((name if override is None else f'vit_tiny_vib_beta{b:g}', name, override))
-    if not args.no_ends:
-        plan.append(('vit_tiny_gap', 'vit_tiny_gap', None))
-    runs = []
-    for folder, name, override in plan:
-        a = copy.copy(args)
-        a.model, a.beta, a.output, a.resume = name, override, str(root / folder), 'latest'
-        check_args(a)
-    for folder, name, override in plan:
-        a = copy.copy(args)
-        a.model, a.beta, a.output, a.resume = name, override, str(root / folder), 'latest'
-        runs.append(train(a))
-    rows = [json.loads((r / 'summary.json').read_text()) for r in runs if (r / 'summary.json').is_file()]
-    table = [{'run': r.name, 'model': s['model'], 'beta': s['beta'], 'attn_mode': s['attn_mode'], 'val_top1': s['val_top1'],
-              'val_top5': s['val_top5'], 'nats_per_image': s['nats_per_image'], 'nats_per_patch': s['nats_per_patch'],
-              'num_active_heads': s['num_active_heads'], 'steps': s['steps'],
-              'train_samples_per_second': s['train_samples_per_second']} for r, s in zip(runs, rows)]
-    if _is_main():
-        atomic_write_json(root / 'sweep.json', table)
-        fmt = lambda v, f: '-' if v is None else format(v, f)  # noqa: E731
-        lines = ['| run | beta | val top-1 (%) | val top-5 (%) | nats / image | nats / patch | active heads |',
-                 '|---|---|---|---|---|---|---|']
-        lines += [f'| {t["run"]} | {t["beta"]:g} | {t["val_top1"]:.2f} | {t["val_top5"]:.2f} | '
-                  f'{fmt(t["nats_per_image"], ".2f")} | {fmt(t["nats_per_patch"], ".4f")} | {fmt(t["num_active_heads"], "d")} |'
-                  for t in table]
-        atomic_write_text(root / 'sweep.md', '\n'.join(lines) + '\n')
-        print('\n'.join(lines))
-    return runs
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-    return PartialState().is_main_process
-
-
 # --- console ------------------------------------------------------------------------------------
 
 def register_cli(sub) -> None:
-    """Add ``train`` and ``sweep`` to the ``timm-vib`` sub-command parser ``sub``."""
-    from .cli import command
+    """Add ``train`` to the ``timm-vib`` sub-command parser ``sub``."""
     t = add_train_args(sub.add_parser('train', help='train one model with Accelerate'))
     t.set_defaults(func=command(train))
-    s = add_train_args(sub.add_parser('sweep', help='train the beta spectrum (plus the noattn and gap ends)'))
-    s.add_argument('--betas', default='0,0.01,0.1,1,4,10', help='comma-separated betas')
-    s.add_argument('--no-ends', action='store_true', help='without vit_tiny_noattn and vit_tiny_gap')
-    s.set_defaults(func=command(run_sweep))
