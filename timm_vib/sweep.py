@@ -155,6 +155,16 @@ def _log_path(root: Path, run: SweepRun) -> Path:
     return root / 'logs' / seed_folder(run.seed) / f'{run.name}.log'
 
 
+def _child_env(threads: int) -> Dict[str, str]:
+    """The environment of a run's process: ``threads`` CPU threads, and this process's timm_vib first on
+    the path (a checkout on sys.path must not lose to another installed copy)."""
+    import timm_vib
+    here = str(Path(timm_vib.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (here, os.environ.get('PYTHONPATH')) if p)
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=path,
+                PYTHONUNBUFFERED='1')  # a killed run's log keeps its last lines
+
+
 def run_local(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path, jobs: int = 1, threads: int = 0,
               print_fn=print) -> List[Tuple[SweepRun, str]]:
     """Train ``runs`` on this machine, ``jobs`` at a time, each in its own ``timm-vib train`` process
@@ -162,7 +172,7 @@ def run_local(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path, j
     Returns the failed runs with a reason (exit code or signal)."""
     from .training import to_argv
     per_job = threads_per_job(jobs, threads)
-    env = dict(os.environ, OMP_NUM_THREADS=str(per_job), MKL_NUM_THREADS=str(per_job))
+    env = _child_env(per_job)
 
     def one(item: Tuple[SweepRun, argparse.Namespace]) -> Optional[str]:
         run, targs = item
