@@ -272,8 +272,11 @@ def run_submitit(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path
     with ex.batch():
         submitted = [ex.submit(train_job, to_argv(t) + ['--no-progress'], threads) for _, t in todo]
     for (run, _), job in zip(todo, submitted):
+        old = records.get(run.folder)
+        earlier = (old.pop('earlier', []) + [old]) if old else []  # every attempt's job id and log stay on record
         records[run.folder] = {'job_id': str(job.job_id), 'launcher': args.launcher, 'log': str(job.paths.stdout),
-                               'err': str(job.paths.stderr), 'submitted': time.strftime('%Y-%m-%d %H:%M:%S')}
+                               'err': str(job.paths.stderr), 'submitted': time.strftime('%Y-%m-%d %H:%M:%S'),
+                               'earlier': earlier}
         print_fn(f'submitted {run.folder}: job {job.job_id}, log {job.paths.stdout}')
     atomic_write_json(jobs_file, records)
     if not (args.wait or args.launcher == 'submitit-local'):
@@ -283,8 +286,9 @@ def run_submitit(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path
         try:
             job.result()
         except Exception as e:  # noqa: BLE001 (the job's own error, reported per run)
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            failed.append((run, f'{last}; log {job.paths.stdout}'))
+            # the job's own traceback is in its log; here: how it ended (a kill leaves no exception)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            failed.append((run, f'job {job.job_id} {job.state}: {first[:200]}; log {job.paths.stdout}'))
     return failed
 
 
@@ -308,8 +312,15 @@ def _state(root: Path, run: SweepRun, records: Dict[str, Any]) -> Dict[str, Any]
     last = rows[-1] if rows else {}
     return {'run': run.folder, 'seed': run.seed, 'state': state, 'epoch': last.get('epoch', 0), 'epochs': epochs,
             'val_top1': last.get('val_top1'), 'nats_per_image': last.get('nats_per_image'),
-            'job': rec.get('job_id') if rec else None, 'log': rec.get('log') if rec else
-            (str(_log_path(root, run)) if _log_path(root, run).is_file() else None)}
+            'job': rec.get('job_id') if rec else None, 'log': _relative(rec.get('log'), root) if rec else
+            (_relative(_log_path(root, run), root) if _log_path(root, run).is_file() else None)}
+
+
+def _relative(path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def sweep_status(root: Path, plan: Sequence[SweepRun]) -> List[Dict[str, Any]]:
