@@ -51,7 +51,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--mixed-precision', choices=('auto', 'no', 'fp16', 'bf16'), default='auto')
     p.add_argument('--num-workers', type=int, default=0)
     p.add_argument('--threads', type=int, default=1,
-                   help="torch CPU threads in all, divided between --jobs (0: every core). The demo's models are "
+                   help="torch CPU threads in all, divided between --jobs, at least one each (0: every core). The "
+                        "demo's models are "
                         "too small to gain from more than one each, and extra threads slow them down many times "
                         "over when other jobs share the cores")
     p.add_argument('--no-progress', action='store_true')
@@ -107,12 +108,16 @@ def summary_table(run_dirs: Sequence[Path], title: str = 'timm-vib demo'):
     from rich.table import Table
     from .report import fmt_nats, fmt_top1, load_runs
     t = Table(title=title)
-    for c in ('model', 'beta', 'top-1', 'nats / image', 'active heads', 'train time'):
-        t.add_column(c, justify='left' if c in ('model', 'active heads') else 'right')
-    for r in load_runs(run_dirs):
+    runs = load_runs(run_dirs)
+    seeded = len({r.seed for r in runs}) > 1
+    for c in ('model', 'seed' if seeded else None, 'beta', 'top-1', 'nats / image', 'active heads', 'train time'):
+        if c:
+            t.add_column(c, justify='left' if c in ('model', 'active heads') else 'right')
+    for r in runs:
         s = r.summary
         st = s.get('stochastic_eval') or {}
-        t.add_row(s['model'].replace('vit_tiny_', ''), '-' if r.mode != 'vib' else f"{s['beta']:g}",
+        t.add_row(s['model'].replace('vit_tiny_', ''), *([str(r.seed)] if seeded else []),
+                  '-' if r.mode != 'vib' else f"{s['beta']:g}",
                   fmt_top1(s['val_top1']) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else ''),
                   {'none': '0', 'plain': 'unbounded'}.get(r.mode) or fmt_nats(s['nats_per_image']),
                   '-' if r.mode != 'vib' else _heads(s),
@@ -132,13 +137,13 @@ def run_demo(args: argparse.Namespace) -> Path:
     from rich.console import Console
     from . import training
     from .report import analyze
-    from .sweep import SweepError, parse_betas, parse_seeds, plan_runs, run_local, threads_per_job
+    from .sweep import SweepError, parse_betas, parse_seeds, plan_runs, run_local
     console = Console()
     if args.jobs < 1:
         raise ValueError(f'--jobs must be >= 1, got {args.jobs}')
-    if args.threads:
+    if args.threads:  # this process trains when --jobs is 1, and writes the report
         import torch
-        torch.set_num_threads(threads_per_job(args.jobs, args.threads))
+        torch.set_num_threads(args.threads)
     s = _settings(args)
     betas = parse_betas(s['betas'] if args.betas is None else args.betas)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
