@@ -110,3 +110,16 @@ def test_submitit_local_executor_records_jobs_and_resumes_a_killed_sweep(tmp_pat
 def test_bad_sweep_arguments_are_named(tmp_path, capsys, extra, match):
     assert main([*TWO_RUNS, '--output', str(tmp_path), *extra]) == 2
     assert match in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_submitit_job_with_two_tasks_trains_one_run_on_two_processes(tmp_path, monkeypatch):
+    """--gpus-per-job 2 (here on the CPU): submitit starts two tasks, whose environment becomes
+    torch.distributed's, and Accelerate trains one run on both (gloo), as on a 2-GPU Slurm node."""
+    pytest.importorskip('submitit')
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    argv = ['sweep', '--launcher', 'submitit-local', '--gpus-per-job', '2', '--cpu', '--betas', '1', '--no-ends',
+            *TINY, '--max-train-samples', '128', '--epochs', '1', '--threads', '2', '--output', str(tmp_path)]
+    assert main(argv) == 0
+    s = _summary(tmp_path / 'seed0' / 'vit_tiny_vib_b1')
+    assert s['world_size'] == 2 and s['steps'] == 2  # 128 images / (2 processes x 32) per step

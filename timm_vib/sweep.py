@@ -268,7 +268,9 @@ def run_submitit(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path
     if not todo:
         return []
     ex = _executor(args, root)
-    threads = args.threads or 0
+    threads = args.threads or 0  # on Slurm: each job has its own CPUs (0: torch's default)
+    if args.launcher == 'submitit-local':  # every job's processes share this machine's CPUs
+        threads = threads_per_job(len(todo) * args.gpus_per_job, args.threads)
     with ex.batch():
         submitted = [ex.submit(train_job, to_argv(t) + ['--no-progress'], threads) for _, t in todo]
     for (run, _), job in zip(todo, submitted):
@@ -284,7 +286,7 @@ def run_submitit(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path
     failed = []
     for (run, _), job in zip(todo, submitted):
         try:
-            job.result()
+            job.results()  # one result per task (per GPU)
         except Exception as e:  # noqa: BLE001 (the job's own error, reported per run)
             # the job's own traceback is in its log; here: how it ended (a kill leaves no exception)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
