@@ -319,3 +319,31 @@ def test_log_beta_schedule_and_sqrt_reduction_are_recorded(tmp_path):
     s = json.loads((out / 'summary.json').read_text())
     assert (s['beta_schedule'], s['kl_reduction'], s['vib_hidden']) == ('log', 'sqrt', 64)
     assert math.isfinite(rows[-1]['val_loss'])
+
+
+def test_timm_dataset_names_through_data(tmp_path):
+    """--data torch/mnist:ROOT goes through timm's dataset factory (torchvision's MNIST reading the
+    IDX files in ROOT/MNIST/raw): grey digits as RGB, labels and class names as torchvision has them;
+    streaming names and missing data are named errors."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for split, n in (('train', 12), ('t10k', 5)):
+        write_idx(raw / f'{split}-images-idx3-ubyte', rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f'{split}-labels-idx1-ubyte', (np.arange(n) * 3) % 10)
+    sets, spec = build_datasets(f'torch/mnist:{tmp_path}', 16)
+    assert (len(sets['train']), len(sets['val']), spec.num_classes) == (12, 5, 10)
+    assert spec.classes[3] == '3 - three' and spec.name == f'torch/mnist:{tmp_path}'
+    x, y = sets['val'][2]
+    assert x.shape == (3, 16, 16) and y == 6
+    grey, _ = build_datasets(f'torch/mnist:{tmp_path}', 16, normalize=False)[0]['val'][2]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2]) and grey.max() > 0  # grey replicated
+    out = tmp_path / 'run'
+    train(parse_args(['--model', 'vit_tiny_vib_b1', *TINY, '--epochs', '1', '--data', f'torch/mnist:{tmp_path}',
+                      '--output', str(out)]))
+    assert json.loads((out / 'summary.json').read_text())['dataset'] == f'torch/mnist:{tmp_path}'
+    assert len(load_run_dataset(out, 'val')) == 5
+    with pytest.raises(ValueError, match='not supported yet'):
+        build_datasets('wds/imagenet:/data/shards', 16)
+    with pytest.raises(ValueError, match='nothing is downloaded'):
+        build_datasets(f'torch/cifar10:{tmp_path}', 16)

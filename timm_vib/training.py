@@ -77,7 +77,9 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         '(the reference\'s --sqrt-kl: square root of each head\'s mean KL over tokens, then mean)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (through Accelerate)')
     g = p.add_argument_group('data')
-    g.add_argument('--data', default='digits', help='digits | fashion-mnist[:FOLDER] | an ImageNet-style FOLDER')
+    g.add_argument('--data', default='digits',
+                   help='digits | fashion-mnist[:FOLDER] | an ImageNet-style FOLDER | one of timm\'s dataset names '
+                        'with its local root, PREFIX/NAME:ROOT (torch/cifar10:DIR, hfds/NAME:CACHE_DIR)')
     g.add_argument('--class-list', default=None, help='file of WordNet ids to keep, or "imagenet100"')
     g.add_argument('--max-train-samples', type=int, default=None, help='keep N training images (short runs)')
     g.add_argument('--max-val-samples', type=int, default=None, help='keep N validation images')
