@@ -123,3 +123,24 @@ def test_submitit_job_with_two_tasks_trains_one_run_on_two_processes(tmp_path, m
     assert main(argv) == 0
     s = _summary(tmp_path / 'seed0' / 'vit_tiny_vib_b1')
     assert s['world_size'] == 2 and s['steps'] == 2  # 128 images / (2 processes x 32) per step
+
+
+def test_a_run_trained_by_a_live_process_is_shown_running_and_left_alone(tmp_path, capsys):
+    import subprocess
+    import sys
+    from timm_vib.sweep import local_pid, running_marker
+    run = plan_runs([1.0], [0], ends=False)[0]
+    other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        with running_marker(tmp_path, run, other.pid):
+            assert local_pid(tmp_path, run) == other.pid
+            assert [(r['state'], r['job']) for r in sweep_status(tmp_path, [run])] == [('running', f'pid {other.pid}')]
+            assert main([*TWO_RUNS, '--seeds', '0', '--output', str(tmp_path)]) == 0
+            assert f'process {other.pid}' in capsys.readouterr().out
+            assert not (tmp_path / run.folder / 'run_config.json').exists()  # not trained a second time
+            other.kill()
+            other.wait()
+            assert local_pid(tmp_path, run) is None  # a dead process's marker does not count
+        assert not list((tmp_path / 'logs').rglob('*.pid'))
+    finally:
+        other.kill()

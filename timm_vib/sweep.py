@@ -7,16 +7,18 @@ latest checkpoint, so rerunning the same command after a kill, a time-out or a p
 the sweep. ``--status`` shows every run's state without training anything.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import command
 from .files import atomic_write_json, atomic_write_text
@@ -155,6 +157,52 @@ def _log_path(root: Path, run: SweepRun) -> Path:
     return root / 'logs' / seed_folder(run.seed) / f'{run.name}.log'
 
 
+def _pid_path(root: Path, run: SweepRun) -> Path:
+    return root / 'logs' / seed_folder(run.seed) / f'{run.name}.pid'
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """The process's start time (Linux /proc; None elsewhere): tells a live run from a reused pid."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def running_marker(root: Path, run: SweepRun, pid: int) -> Iterator[None]:
+    """``logs/seed<S>/<name>.pid`` while process ``pid`` trains ``run`` on this machine: ``--status``
+    shows it as running and another invocation leaves it alone."""
+    path = _pid_path(root, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {'pid': pid, 'start': _start_time(pid), 'host': socket.gethostname()})
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def local_pid(root: Path, run: SweepRun) -> Optional[int]:
+    """The pid of a live process of this machine training ``run`` (from its marker), else None."""
+    path = _pid_path(root, run)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get('host') != socket.gethostname():
+        return None  # another node's process: its job record tells
+    pid = int(rec['pid'])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    if rec.get('start') is not None and _start_time(pid) != rec['start']:
+        return None  # the pid was reused by another process
+    return pid
+
+
 def _child_env(threads: int) -> Dict[str, str]:
     """The environment of a run's process: ``threads`` CPU threads, and this process's timm_vib first on
     the path (a checkout on sys.path must not lose to another installed copy)."""
@@ -184,7 +232,9 @@ def run_local(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path, j
             f.write(f'\n=== {time.strftime("%Y-%m-%d %H:%M:%S")} timm-vib train {run.folder}\n')
             f.flush()
             argv = [sys.executable, '-m', 'timm_vib.cli', 'train', *to_argv(targs), '--no-progress']
-            code = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            with running_marker(root, run, proc.pid):
+                code = proc.wait()
         took = time.perf_counter() - t0
         if code == 0:
             print_fn(f'done   {run.folder} in {took:.0f} s')
@@ -309,12 +359,16 @@ def _state(root: Path, run: SweepRun, records: Dict[str, Any]) -> Dict[str, Any]
     else:
         state = 'not started'
     rec = records.get(run.folder)
-    if rec and state != 'finished' and _job_active(rec, root):
+    pid = local_pid(root, run) if state != 'finished' else None
+    if pid is not None:
+        log = _log_path(root, run)
+        state, rec = 'running', {'job_id': f'pid {pid}', 'log': str(log) if log.is_file() else None}
+    elif rec and state != 'finished' and _job_active(rec, root):
         state = 'running' if rows or state == 'unfinished' else 'queued'
     last = rows[-1] if rows else {}
     return {'run': run.folder, 'seed': run.seed, 'state': state, 'epoch': last.get('epoch', 0), 'epochs': epochs,
             'val_top1': last.get('val_top1'), 'nats_per_image': last.get('nats_per_image'),
-            'job': rec.get('job_id') if rec else None, 'log': _relative(rec.get('log'), root) if rec else
+            'job': rec.get('job_id') if rec else None, 'log': (_relative(rec['log'], root) if rec.get('log') else None) if rec else
             (_relative(_log_path(root, run), root) if _log_path(root, run).is_file() else None)}
 
 
@@ -385,9 +439,15 @@ def run_sweep(args: argparse.Namespace) -> List[Path]:
     todo = [(r, a) for r, a in runs if not is_finished(root / r.folder)]
     if len(todo) < len(runs):
         print(f'{len(runs) - len(todo)} of {len(runs)} runs already finished')
+    busy = {r.folder: local_pid(root, r) for r, _ in todo}
+    for folder, pid in busy.items():
+        if pid is not None:
+            print(f'{folder} is being trained by process {pid} on this machine: left to it')
+    todo = [(r, a) for r, a in todo if busy[r.folder] is None]
     if args.launcher == 'local' and args.jobs == 1 and not _is_distributed():
-        for _, a in todo:  # in this process (also under torchrun / accelerate launch)
-            train(a)
+        for r, a in todo:  # in this process (also under torchrun / accelerate launch)
+            with running_marker(root, r, os.getpid()) if _is_main() else contextlib.nullcontext():
+                train(a)
         failed = []
     elif args.launcher == 'local':
         failed = run_local(todo, root, args.jobs, args.threads)
