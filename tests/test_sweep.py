@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from timm_vib.cli import build_parser, main
+from timm_vib.cli import main
 from timm_vib.sweep import parse_seeds, plan_runs, sweep_status, threads_per_job
 from timm_vib.training import parse_args, to_argv
 
