@@ -144,3 +144,14 @@ def test_a_run_trained_by_a_live_process_is_shown_running_and_left_alone(tmp_pat
         assert not list((tmp_path / 'logs').rglob('*.pid'))
     finally:
         other.kill()
+
+
+def test_a_slurm_job_requeues_itself_to_resume():
+    """submitit's requeue hook (time limit, pre-emption) gives back the same training, resuming."""
+    pytest.importorskip('submitit')
+    from timm_vib.sweep import TrainJob
+    argv = to_argv(parse_args(['--model', 'vit_tiny_vib_b4', '--epochs', '7', '--output', 'runs/x']))
+    again = TrainJob().checkpoint(argv, 3)
+    assert isinstance(again.function, TrainJob) and again.args[1] == 3
+    resumed = parse_args(again.args[0])
+    assert resumed.resume == 'latest' and (resumed.model, resumed.epochs, resumed.output) == ('vit_tiny_vib_b4', 7, 'runs/x')

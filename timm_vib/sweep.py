@@ -270,18 +270,31 @@ def _executor(args: argparse.Namespace, root: Path):
     return ex
 
 
-def train_job(argv: List[str], threads: int = 0) -> str:
+class TrainJob:
     """What a submitit job runs: one ``train`` with Accelerate on the GPUs Slurm gave it (one task
-    per GPU: submitit's environment becomes torch.distributed's, which Accelerate reads)."""
-    import submitit
-    env = submitit.JobEnvironment()
-    if env.num_tasks > 1:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
-    from .training import parse_args, train
-    return str(train(parse_args(argv)))
+    per GPU: submitit's environment becomes torch.distributed's, which Accelerate reads).
+
+    Near its time limit or on pre-emption, submitit calls :meth:`checkpoint` and requeues the same
+    call; the run's arguments hold ``--resume latest``, so it goes on from its latest checkpoint.
+    """
+
+    def __call__(self, argv: List[str], threads: int = 0) -> str:
+        import submitit
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+        from .training import parse_args, train
+        return str(train(parse_args(argv)))
+
+    def checkpoint(self, argv: List[str], threads: int = 0):
+        """The same job again (submitit's requeue hook); the training checkpoints are the state."""
+        import submitit
+        if '--resume' not in argv:
+            argv = [*argv, '--resume', 'latest']
+        return submitit.helpers.DelayedSubmission(TrainJob(), argv, threads)
 
 
 def _job_active(record: Dict[str, Any], root: Path) -> bool:
@@ -322,7 +335,7 @@ def run_submitit(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path
     if args.launcher == 'submitit-local':  # every job's processes share this machine's CPUs
         threads = threads_per_job(len(todo) * args.gpus_per_job, args.threads)
     with ex.batch():
-        submitted = [ex.submit(train_job, to_argv(t) + ['--no-progress'], threads) for _, t in todo]
+        submitted = [ex.submit(TrainJob(), to_argv(t) + ['--no-progress'], threads) for _, t in todo]
     for (run, _), job in zip(todo, submitted):
         old = records.get(run.folder)
         earlier = (old.pop('earlier', []) + [old]) if old else []  # every attempt's job id and log stay on record
