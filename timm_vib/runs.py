@@ -12,7 +12,9 @@ Run folder:
 
 Sweep folder (``timm-vib sweep``; the demo's ``OUTPUT/runs``): one sub-folder per seed, ``seed<S>``,
 holding one run folder per model of the spectrum (``vit_tiny_noattn``, ``vit_tiny_vib_b1``, ...,
-``vit_tiny_gap``), plus ``sweep.json`` / ``sweep.md`` (the table) and ``logs/`` (one log per run).
+``vit_tiny_gap``), plus ``sweep.json`` / ``sweep.md`` (the table, one row per run with its seed),
+``logs/seed<S>/<model>.log`` (runs trained in their own process; ``.pid`` beside it while one is
+training) and, for Slurm, ``jobs.json`` (job ids and logs of every attempt) and ``jobs/`` (submitit's).
 """
 import json
 import os
