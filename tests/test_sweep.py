@@ -17,6 +17,16 @@ TINY = ['--model-kwargs', 'depth=1', 'img_size=16', 'patch_size=4', 'embed_dim=4
         '--warmup-epochs', '1', '--max-train-samples', '64', '--max-val-samples', '32', '--epochs', '2',
         '--checkpoint-every', '1']
 TWO_RUNS = ['sweep', '--betas', '1', '--no-ends', '--seeds', '0,1', *TINY]
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT), HF_HUB_OFFLINE='1')
+
+
+def run_cli(*argv):
+    """``timm-vib`` in a fresh process: submitit's local executor is run as a user would, apart from
+    the libraries other tests load into this one (TensorFlow's logging under pytest's capture)."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, '-m', 'timm_vib.cli', *argv], env=ENV, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_plan_lays_out_seeds_and_models():
@@ -76,17 +86,16 @@ def test_local_launcher_runs_two_jobs_and_resumes_a_killed_sweep(tmp_path, capsy
     assert [r['state'] for r in sweep_status(tmp_path, plan_runs([1.0], [0, 1], ends=False))] == ['finished'] * 2
 
 
-def test_submitit_local_executor_records_jobs_and_resumes_a_killed_sweep(tmp_path, monkeypatch, capsys):
+def test_submitit_local_executor_records_jobs_and_resumes_a_killed_sweep(tmp_path):
     pytest.importorskip('submitit')
-    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
     argv = [*TWO_RUNS, '--launcher', 'submitit-local', '--threads', '2', '--output', str(tmp_path)]
-    assert main([*argv, '--kill-at-step', '3']) == 2
-    assert 'seed0/vit_tiny_vib_b1: job' in capsys.readouterr().err
+    p = run_cli(*argv, '--kill-at-step', '3')
+    assert p.returncode == 2 and 'seed0/vit_tiny_vib_b1: job' in p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
     first = json.loads((tmp_path / 'jobs.json').read_text())
     assert set(first) == {'seed0/vit_tiny_vib_b1', 'seed1/vit_tiny_vib_b1'}
     assert all(Path(rec['log']).is_file() for rec in first.values())
-    assert main(argv) == 0
+    p = run_cli(*argv)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     runs = _check_two_finished(tmp_path)
     jobs = json.loads((tmp_path / 'jobs.json').read_text())
     for run, rec in jobs.items():  # a new job per resumed run; the killed one stays on record
@@ -96,7 +105,7 @@ def test_submitit_local_executor_records_jobs_and_resumes_a_killed_sweep(tmp_pat
     assert [(r['state'], r['job']) for r in rows] == [('finished', jobs[r.folder]['job_id'])
                                                       for r in plan_runs([1.0], [0, 1], ends=False)]
     stamps = [(r / 'summary.json').stat().st_mtime_ns for r in runs]
-    assert main(argv) == 0  # nothing left to submit
+    assert run_cli(*argv).returncode == 0  # nothing left to submit
     assert json.loads((tmp_path / 'jobs.json').read_text()) == jobs
     assert [(r / 'summary.json').stat().st_mtime_ns for r in runs] == stamps
 
@@ -112,15 +121,14 @@ def test_bad_sweep_arguments_are_named(tmp_path, capsys, extra, match):
     assert match in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
-def test_submitit_job_with_two_tasks_trains_one_run_on_two_processes(tmp_path, monkeypatch):
+def test_submitit_job_with_two_tasks_trains_one_run_on_two_processes(tmp_path):
     """--gpus-per-job 2 (here on the CPU): submitit starts two tasks, whose environment becomes
     torch.distributed's, and Accelerate trains one run on both (gloo), as on a 2-GPU Slurm node."""
     pytest.importorskip('submitit')
-    monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
     argv = ['sweep', '--launcher', 'submitit-local', '--gpus-per-job', '2', '--cpu', '--betas', '1', '--no-ends',
             *TINY, '--max-train-samples', '128', '--epochs', '1', '--threads', '2', '--output', str(tmp_path)]
-    assert main(argv) == 0
+    p = run_cli(*argv)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     s = _summary(tmp_path / 'seed0' / 'vit_tiny_vib_b1')
     assert s['world_size'] == 2 and s['steps'] == 2  # 128 images / (2 processes x 32) per step
 
