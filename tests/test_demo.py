@@ -76,7 +76,7 @@ def test_demo_reuses_finished_runs(demo, capsys):
     import argparse
     args = add_demo_args(argparse.ArgumentParser()).parse_args(['--smallest', '--output', str(demo)])
     s = PRESETS['smallest']
-    out = demo / 'runs' / 'vit_tiny_vib_b1'
+    out = demo / 'runs' / 'seed0' / 'vit_tiny_vib_b1'
     targs = training.parse_args(_train_argv(s, args, 'vit_tiny_vib_b1', out))
     targs.beta = None
     assert _reusable(out, targs)
@@ -87,9 +87,29 @@ def test_demo_reuses_finished_runs(demo, capsys):
 
 def test_analyze_command(demo, tmp_path):
     """``timm-vib analyze`` on two runs (no ends): the same report files."""
-    runs = [str(demo / 'runs' / 'vit_tiny_vib_b1'), str(demo / 'runs' / 'vit_tiny_vib_b0p1')]
+    runs = [str(demo / 'runs' / 'seed0' / 'vit_tiny_vib_b1'), str(demo / 'runs' / 'seed0' / 'vit_tiny_vib_b0p1')]
     assert main(['analyze', *runs, '--out', str(tmp_path / 'rep'), '--max-images', '32', '--nmi-samples', '500',
                  '--no-progress']) == 0
     for name in FIGURES:
         assert (tmp_path / 'rep' / f'{name}.png').read_bytes()[:8] == PNG_MAGIC
     assert 'ViT (gap)' not in (tmp_path / 'rep' / 'index.md').read_text()
+
+
+def test_demo_two_seeds_two_jobs(tmp_path):
+    """--seeds 0,1 --jobs 2: one process per run, runs in seed folders, the report in mean ± std over
+    seeds, and the most restricted model's top head compared across seeds."""
+    import numpy as np
+    out = tmp_path / 'demo'
+    assert main(['demo', '--smallest', '--seeds', '0,1', '--jobs', '2', '--betas', '1', '--no-ends',
+                 '--output', str(out), '--no-progress']) == 0
+    runs = load_runs([out / 'runs'])
+    assert [(r.dir.relative_to(out / 'runs').as_posix(), r.seed) for r in runs] == [
+        ('seed0/vit_tiny_vib_b1', 0), ('seed1/vit_tiny_vib_b1', 1)]
+    assert all((out / 'runs' / 'logs' / f'seed{s}' / 'vit_tiny_vib_b1.log').is_file() for s in (0, 1))
+    captions = {c['file']: c['caption'] for c in json.loads((out / 'report' / 'captions.json').read_text())['figures']}
+    top1 = [r.summary['val_top1'] for r in runs]
+    assert f'beta=1: {fmt_top1(np.mean(top1))} ± {np.std(top1, ddof=1):.1f}' in captions['fig1_accuracy_vs_information.png']
+    md = (out / 'report' / 'index.md').read_text()
+    assert '| seeds |' in md and '| 0, 1 |' in md
+    nmi = captions['fig7_nmi_matrix.png']
+    assert 'Across seeds' in nmi and 'seed 0' in nmi and 'seed 1' in nmi, nmi

@@ -24,3 +24,39 @@ def test_load_runs_orders_the_spectrum(tmp_path):
     assert [r.dir.name for r in load_runs([tmp_path])] == ['noattn', 'b4', 'b1', 'gap']
     with pytest.raises(FileNotFoundError, match='neither a finished run'):
         load_runs([tmp_path / 'missing'])
+
+
+def test_seeds_are_reported_as_mean_and_std(tmp_path):
+    """Two seeds per model: the accuracy caption, the figure and the table give mean ± std (ddof 1)
+    over seeds per model, in spectrum order."""
+    import numpy as np
+    from timm_vib.report import _table_rows, fig_accuracy, seed_groups
+    top1 = {('none', 0.0): (80.0, 82.0), ('vib', 4.0): (81.0, 84.0), ('vib', 0.1): (88.0, 89.5), ('plain', 0.0): (90.0, 91.0)}
+    nats = {4.0: (0.5, 0.7), 0.1: (40.0, 50.0)}
+    for (mode, beta), accs in top1.items():
+        for seed, acc in enumerate(accs):
+            d = tmp_path / f'seed{seed}' / f'{mode}{beta:g}'
+            d.mkdir(parents=True)
+            vib = mode == 'vib'
+            d.joinpath('summary.json').write_text(json.dumps({
+                'model': f'{mode}{beta:g}', 'attn_mode': mode, 'beta': beta, 'seed': seed, 'val_top1': acc,
+                'nats_per_image': nats[beta][seed] if vib else (0.0 if mode == 'none' else None),
+                'nats_per_patch': nats[beta][seed] / 16 if vib else None,
+                'active_heads': ['0.0', '0.1'][:seed + 1] if vib else None}))
+    runs = load_runs([tmp_path])
+    groups = seed_groups(runs)
+    assert [(g[0].mode, g[0].beta, [r.seed for r in g]) for g in groups] == [
+        ('none', 0.0, [0, 1]), ('vib', 4.0, [0, 1]), ('vib', 0.1, [0, 1]), ('plain', 0.0, [0, 1])]
+    caption = fig_accuracy(runs, tmp_path / 'fig.png')
+    assert (tmp_path / 'fig.png').read_bytes()[:4] == b'\x89PNG'
+    assert 'mean ± std over seeds 0, 1' in caption
+    for (mode, beta), accs in top1.items():
+        m, sd = np.mean(accs), np.std(accs, ddof=1)
+        text = f'{fmt_top1(m)} ± {sd:.1f}'
+        if mode == 'vib':
+            text += f' at {fmt_nats(np.mean(nats[beta]))} ± {fmt_nats(np.std(nats[beta], ddof=1))} nats/image'
+        assert text in caption, (text, caption)
+    rows = _table_rows(runs)
+    assert len(rows) == 4 and [r['seeds'] for r in rows] == ['0, 1'] * 4
+    assert rows[1]['top-1'] == f'{fmt_top1(82.5)} ± {np.std([81, 84], ddof=1):.1f}'
+    assert rows[1]['active heads'] == f'1.5 ± {np.std([1, 2], ddof=1):.2g} (1, 2)'

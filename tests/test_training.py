@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from timm_vib.checkpoints import load_model
 from timm_vib.data import build_datasets, load_run_dataset, read_class_list, read_idx, write_idx
-from timm_vib.training import parse_args, run_sweep, train
+from timm_vib.sweep import run_sweep
+from timm_vib.training import parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model-kwargs', 'depth=1', 'img_size=16', 'patch_size=4', 'embed_dim=48',
@@ -100,6 +101,58 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
     a, b = load_file(tmp_path / 'a' / 'model.safetensors'), load_file(tmp_path / 'b' / 'model.safetensors')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / 'a' / 'metrics.jsonl').read_text() == (tmp_path / 'b' / 'metrics.jsonl').read_text()
+
+
+def test_bf16_autocast_on_cpu_trains_and_resumes_exactly(tmp_path):
+    """--mixed-precision bf16 --cpu (Accelerate's CPU autocast): finite losses, the KL in float32 while
+    the rest of the model runs in bfloat16, and a SIGKILL mid-run resumed to the same weights."""
+    import timm
+    model = timm.create_model('vit_tiny_vib_b1', num_classes=10, depth=1, img_size=16, patch_size=4, embed_dim=48)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits, kl = model(torch.randn(2, 3, 16, 16), return_kl=True)
+    assert logits.dtype == torch.bfloat16 and kl.dtype == torch.float32  # autocast is on, the KL stays exact
+    common = ['train', '--model', 'vit_tiny_vib_b1', *TINY, *SMALL_DATA, '--epochs', '2', '--checkpoint-every', '3',
+              '--mixed-precision', 'bf16', '--cpu']
+    run_cli(*common, '--output', str(tmp_path / 'a'))
+    killed = run_cli(*common, '--output', str(tmp_path / 'b'), '--kill-at-step', '5', check=False)
+    assert killed.returncode == -9
+    run_cli(*common, '--output', str(tmp_path / 'b'), '--resume')
+    cfg = json.loads((tmp_path / 'a' / 'run_config.json').read_text())
+    assert cfg['mixed_precision'] == 'bf16' and cfg['device'] == 'cpu'
+    rows = [json.loads(ln) for ln in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
+    assert all(math.isfinite(r[k]) for r in rows for k in ('train_loss', 'val_loss', 'nats_per_image'))
+    a, b = load_file(tmp_path / 'a' / 'model.safetensors'), load_file(tmp_path / 'b' / 'model.safetensors')
+    assert all(v.dtype == torch.float32 for v in a.values())  # autocast computes in bf16, keeps float32 weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / 'a' / 'metrics.jsonl').read_text() == (tmp_path / 'b' / 'metrics.jsonl').read_text()
+
+
+def test_the_loop_reads_the_device_per_epoch_not_per_step(tmp_path, monkeypatch):
+    """No host synchronisation per step: the number of device reads (.item(), .tolist(), float(),
+    bool()) of a run does not grow with its number of steps per epoch (progress off)."""
+    # not counted: reads of tensors that live on the host by design (augmentation parameters sampled
+    # in the data pipeline, and Adam's step counter, which torch keeps on the CPU)
+    host_side = ('/torchvision/transforms/', '/torch/utils/data/', '/torch/optim/', '/timm_vib/data.py')
+    reads = {'n': 0}
+    for name in ('item', 'tolist', '__float__', '__bool__', '__int__'):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            f = sys._getframe(1)
+            while f is not None and not any(h in f.f_code.co_filename for h in host_side):
+                f = f.f_back
+            reads['n'] += f is None
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def run(samples):
+        reads['n'] = 0
+        train(parse_args(['--model', 'vit_tiny_vib_b1', *TINY, '--max-train-samples', str(samples),
+                          '--max-val-samples', '32', '--epochs', '2', '--output', str(tmp_path / str(samples))]))
+        return reads['n']
+
+    few, many = run(64), run(320)  # 2 and 10 steps per epoch
+    assert few == many, (few, many)
 
 
 def test_two_gloo_processes_with_torchrun(tmp_path):
@@ -294,3 +347,31 @@ def test_evaluate_restores_the_callers_stochastic_eval():
     with pytest.raises(RuntimeError, match='loader failed'):
         evaluate(m, broken(), acc, beta=1.0, stochastic=True)
     assert m.stochastic_eval is False
+
+
+def test_timm_dataset_names_through_data(tmp_path):
+    """--data torch/mnist:ROOT goes through timm's dataset factory (torchvision's MNIST reading the
+    IDX files in ROOT/MNIST/raw): grey digits as RGB, labels and class names as torchvision has them;
+    streaming names and missing data are named errors."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / 'MNIST' / 'raw'
+    raw.mkdir(parents=True)
+    for split, n in (('train', 12), ('t10k', 5)):
+        write_idx(raw / f'{split}-images-idx3-ubyte', rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f'{split}-labels-idx1-ubyte', (np.arange(n) * 3) % 10)
+    sets, spec = build_datasets(f'torch/mnist:{tmp_path}', 16)
+    assert (len(sets['train']), len(sets['val']), spec.num_classes) == (12, 5, 10)
+    assert spec.classes[3] == '3 - three' and spec.name == f'torch/mnist:{tmp_path}'
+    x, y = sets['val'][2]
+    assert x.shape == (3, 16, 16) and y == 6
+    grey, _ = build_datasets(f'torch/mnist:{tmp_path}', 16, normalize=False)[0]['val'][2]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2]) and grey.max() > 0  # grey replicated
+    out = tmp_path / 'run'
+    train(parse_args(['--model', 'vit_tiny_vib_b1', *TINY, '--epochs', '1', '--data', f'torch/mnist:{tmp_path}',
+                      '--output', str(out)]))
+    assert json.loads((out / 'summary.json').read_text())['dataset'] == f'torch/mnist:{tmp_path}'
+    assert len(load_run_dataset(out, 'val')) == 5
+    with pytest.raises(ValueError, match='not supported yet'):
+        build_datasets('wds/imagenet:/data/shards', 16)
+    with pytest.raises(ValueError, match='nothing is downloaded'):
+        build_datasets(f'torch/cifar10:{tmp_path}', 16)

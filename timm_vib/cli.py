@@ -4,20 +4,9 @@ Each sub-command lives with the code it drives; this module only wires them up.
 """
 import argparse
 import sys
-from typing import Any, Callable, List, Optional, Tuple
+from typing import List, Optional
 
-
-def command(fn: Callable[[argparse.Namespace], Any], errors: Tuple[type, ...] = ()) -> Callable[[argparse.Namespace], int]:
-    """Wrap a sub-command: bad input (ValueError, FileNotFoundError, and ``errors``) becomes one line
-    on stderr and exit code 2, not a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            fn(args)
-        except (ValueError, FileNotFoundError, *errors) as e:
-            print(f'timm-vib {args.command}: error: {e}', file=sys.stderr)
-            return 2
-        return 0
-    return run
+from .errors import command  # noqa: F401  (the sub-commands' error wrapper, re-exported)
 
 
 def _tour(args: argparse.Namespace) -> int:
@@ -64,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import hub
     hub.add_commands(sub)
     from .training import register_cli as _register_training
-    _register_training(sub)  # train, sweep
+    _register_training(sub)  # train
+    from .sweep import register_cli as _register_sweep
+    _register_sweep(sub)  # sweep
     from .demo import register_cli as _register_demo
     _register_demo(sub)  # demo, analyze
     return parser

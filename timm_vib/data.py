@@ -190,7 +190,9 @@ class TransformedDataset(Dataset):
         seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only: torch.manual_seed would also seed (and, before CUDA starts, record a
+            # stack trace for) every GPU, 2 ms per image, and fork_rng restores only the CPU's state
+            torch.default_generator.manual_seed(seed)
             random.seed(seed)  # RandAugment draws from Python's RNG
             try:
                 return self.transform(img), target
@@ -250,13 +252,65 @@ def _folder(root: Path, split: str, class_list: Optional[List[str]]):
     return ds, classes
 
 
+# timm's dataset factory names (``PREFIX/NAME[:ROOT]``) that give random-access datasets: the
+# seeded augmentation, the seedable sampler and exact resumption work on them as on folders
+TIMM_PREFIXES = ('torch', 'hfds')
+# timm's streaming (iterable) names: no random access, so no exact resumption mid-epoch (yet)
+TIMM_STREAMING = ('hfids', 'wds', 'tfds')
+
+
 def _parse_data(data: str) -> Tuple[str, Optional[str]]:
-    """'digits' / 'fashion-mnist' / 'fashion-mnist:FOLDER' / FOLDER -> (kind, folder)."""
+    """'digits' / 'fashion-mnist' / 'fashion-mnist:FOLDER' / 'PREFIX/NAME[:ROOT]' (timm's dataset
+    names) / FOLDER -> (kind, folder); kind 'timm' for timm's names."""
     if data == 'digits':
         return 'digits', None
     if data == 'fashion-mnist' or data.startswith('fashion-mnist:'):
         return 'fashion-mnist', (data.split(':', 1)[1] or None) if ':' in data else None
+    prefix = data.split('/', 1)[0].lower() if '/' in data else ''
+    if prefix in TIMM_STREAMING:
+        raise ValueError(f'--data {data}: timm\'s streaming datasets ({", ".join(p + "/" for p in TIMM_STREAMING)}) '
+                         f'are not supported yet (exact resumption needs random access); use '
+                         f'{" or ".join(p + "/" for p in TIMM_PREFIXES)} names or an image folder')
+    if prefix in TIMM_PREFIXES and not Path(data).exists():
+        return 'timm', data
     return 'folder', data
+
+
+class _RGB(Dataset):
+    """(image, label) of any dataset with the image converted to 3-channel PIL (grey sets included)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img, target = self.base[i]
+        return (img if img.mode == 'RGB' else img.convert('RGB')), int(target)
+
+
+def _timm_dataset(data: str, split: str) -> Tuple[Dataset, List[str]]:
+    """A split of one of timm's named datasets ('torch/cifar10:ROOT', 'hfds/NAME:CACHE'), never
+    downloaded (tests and clusters read what is there), and its class names."""
+    name, _, root = data.partition(':')
+    errors = []
+    for timm_split in (('train',) if split == 'train' else ('validation', 'test')):  # as the sets name it
+        try:
+            ds = create_dataset(name, root=root or None, split=timm_split, download=False)
+            break
+        except (RuntimeError, FileNotFoundError, ImportError, AssertionError, ValueError, KeyError) as e:
+            errors.append(f'{timm_split!r}: {type(e).__name__}: {e}')
+    else:
+        raise ValueError(f'--data {data}: timm could not open its {split} split ({"; ".join(errors)}); '
+                         f'name it as PREFIX/NAME:ROOT with the data already in ROOT (nothing is downloaded)')
+    classes = getattr(ds, 'classes', None)
+    if classes is None:
+        mapping = getattr(getattr(ds, 'reader', None), 'class_to_idx', None) or {}
+        classes = [str(c) for c, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+    if not classes:
+        raise ValueError(f'--data {data}: cannot tell its classes (no .classes nor a class_to_idx)')
+    return _RGB(ds), [str(c) for c in classes]
 
 
 def build_datasets(
@@ -278,7 +332,16 @@ def build_datasets(
     kind, folder = _parse_data(data)
     if img_size < 1:
         raise ValueError(f'img_size must be positive, got {img_size}')
-    if kind == 'folder':
+    if kind == 'timm':
+        if class_list:
+            raise ValueError(f'--class-list applies to image folders, not to timm\'s named dataset {data!r}')
+        bases, classes = {}, None
+        for s in splits:
+            bases[s], classes = _timm_dataset(data, s)
+        mean, std, crop_pct, interp = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 0.875, 'bicubic'
+        aug = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, auto_augment='rand-m9-n2')
+        name = data
+    elif kind == 'folder':
         root = Path(folder)
         if not root.is_dir():
             raise FileNotFoundError(

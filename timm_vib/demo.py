@@ -1,16 +1,18 @@
 """``timm-vib demo``: train a small spectrum (no attention, several betas, unrestricted ViT) on built-in
 data, then dissect it with :func:`timm_vib.report.analyze` — the small case of the real workflow.
 
-Runs go to ``OUTPUT/runs/<model>`` (the ``timm-vib sweep`` layout, so either command can continue the
-other's runs), the report to ``OUTPUT/report``. Finished runs with the same settings are reused.
+Runs go to ``OUTPUT/runs/seed<S>/<model>`` (the ``timm-vib sweep`` layout, so either command can
+continue the other's runs), the report to ``OUTPUT/report``. Finished runs with the same settings are
+reused. ``--seeds 0,1,2`` trains the spectrum once per seed (the report shows mean ± std over them);
+``--jobs N`` trains N runs at a time, one process each, the ``--threads`` divided between them.
 """
 import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ['PRESETS', 'add_demo_args', 'demo_plan', 'run_demo', 'register_cli', 'summary_table']
+__all__ = ['PRESETS', 'add_demo_args', 'run_demo', 'register_cli', 'summary_table']
 
 # Sized for ~10 minutes on 2 CPU cores, report included (measured; see README).
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -21,12 +23,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     'default': dict(img_size=16, patch_size=2, depth=4, embed_dim=48, num_heads=3, vib_dim=8, vib_logvar_init=0.0,
                     vib_small_init_dec=True, epochs=15, betas='0.01,1,10', batch_size=64, lr=3e-3, warmup_epochs=2,
                     beta_warmup_epochs=1.5, stochastic_eval=3, max_train_samples=None, max_val_samples=None,
-                    max_images=512, nmi_samples=20000),
+                    max_images=512, nmi_samples=20000, seeds='0,1,2', jobs=2),
     # the test's preset: seconds per model, every figure still drawn
     'smallest': dict(img_size=8, patch_size=2, depth=2, embed_dim=24, num_heads=3, vib_dim=4, vib_logvar_init=0.0,
                      vib_small_init_dec=True, epochs=1, betas='0.1,1', batch_size=64, lr=2e-3, warmup_epochs=0,
                      beta_warmup_epochs=0, stochastic_eval=2, max_train_samples=256, max_val_samples=64, max_images=64,
-                     nmi_samples=2000),
+                     nmi_samples=2000, seeds='0', jobs=1),
 }
 # run arguments that must match for a finished run to be reused
 _SAME = ('model_kwargs', 'epochs', 'lr', 'batch_size', 'data', 'beta', 'max_train_samples', 'max_val_samples',
@@ -50,13 +52,17 @@ def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(f'--{name}', type=typ, default=None, help='overrides the preset')
     p.add_argument('--vib-small-init-dec', type=lambda v: {'true': True, 'false': False}[v.lower()], default=None,
                    metavar='{true,false}', help='overrides the preset: decoders start near zero')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=None, help='one seed instead of the preset\'s --seeds')
+    p.add_argument('--seeds', default=None, help='comma-separated seeds, a spectrum each (default preset: 0,1,2)')
+    p.add_argument('--jobs', type=int, default=None, help='runs trained at a time, one process each (default preset: 2)')
     p.add_argument('--cpu', action='store_true', help='train on the CPU even if a GPU is present')
     p.add_argument('--mixed-precision', choices=('auto', 'no', 'fp16', 'bf16'), default='auto')
     p.add_argument('--num-workers', type=int, default=0)
     p.add_argument('--threads', type=int, default=1,
-                   help="torch CPU threads (0: torch's default). The demo's models are too small to gain from "
-                        "more, and extra threads slow them down many times over when other jobs share the cores")
+                   help="torch CPU threads in all, divided between --jobs, at least one each (0: every core). The "
+                        "demo's models are "
+                        "too small to gain from more than one each, and extra threads slow them down many times "
+                        "over when other jobs share the cores")
     p.add_argument('--no-progress', action='store_true')
     return p
 
@@ -70,19 +76,7 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     return s
 
 
-def demo_plan(betas: Sequence[float], ends: bool = True) -> List[Tuple[str, str, Optional[float]]]:
-    """(folder, registered model, beta override) along the spectrum, the ``timm-vib sweep`` layout."""
-    from .training import sweep_model_name
-    plan = [('vit_tiny_noattn', 'vit_tiny_noattn', None)] if ends else []
-    for b in sorted(betas, reverse=True):
-        name, override = sweep_model_name(b)
-        plan.append((name if override is None else f'vit_tiny_vib_beta{b:g}', name, override))
-    if ends:
-        plan.append(('vit_tiny_gap', 'vit_tiny_gap', None))
-    return plan
-
-
-def _train_argv(s: Dict[str, Any], args: argparse.Namespace, model: str, out: Path) -> List[str]:
+def _train_argv(s: Dict[str, Any], args: argparse.Namespace, model: str, out: Path, seed: Optional[int] = None) -> List[str]:
     kw = [f'{k}={s[k]}' for k in ('img_size', 'patch_size', 'depth', 'embed_dim', 'num_heads')]
     if 'vib' in model:
         kw += [f"vib_dim={s['vib_dim']}", f"vib_logvar_init={s['vib_logvar_init']}",
@@ -92,7 +86,7 @@ def _train_argv(s: Dict[str, Any], args: argparse.Namespace, model: str, out: Pa
     bw = ['--beta-warmup-epochs', str(s['beta_warmup_epochs'])] if 'vib' in model else []
     argv = ['--model', model, '--model-kwargs', *kw, '--data', args.data, '--epochs', str(s['epochs']),
             '--batch-size', str(s['batch_size']), '--lr', str(s['lr']), '--warmup-epochs', str(s['warmup_epochs']),
-            '--seed', str(args.seed), '--output', str(out), '--mixed-precision', args.mixed_precision,
+            '--seed', str(seed if seed is not None else (args.seed or 0)), '--output', str(out), '--mixed-precision', args.mixed_precision,
             '--num-workers', str(args.num_workers), '--stochastic-eval', str(s['stochastic_eval'] if 'vib' in model else 0),
             '--log-interval', '5', *bw]
     for k in ('max_train_samples', 'max_val_samples'):
@@ -123,12 +117,16 @@ def summary_table(run_dirs: Sequence[Path], title: str = 'timm-vib demo'):
     from rich.table import Table
     from .report import fmt_nats, fmt_top1, load_runs
     t = Table(title=title)
-    for c in ('model', 'beta', 'top-1', 'nats / image', 'active heads', 'train time'):
-        t.add_column(c, justify='left' if c in ('model', 'active heads') else 'right')
-    for r in load_runs(run_dirs):
+    runs = load_runs(run_dirs)
+    seeded = len({r.seed for r in runs}) > 1
+    for c in ('model', 'seed' if seeded else None, 'beta', 'top-1', 'nats / image', 'active heads', 'train time'):
+        if c:
+            t.add_column(c, justify='left' if c in ('model', 'active heads') else 'right')
+    for r in runs:
         s = r.summary
         st = s.get('stochastic_eval') or {}
-        t.add_row(s['model'].replace('vit_tiny_', ''), '-' if r.mode != 'vib' else f"{s['beta']:g}",
+        t.add_row(s['model'].replace('vit_tiny_', ''), *([str(r.seed)] if seeded else []),
+                  '-' if r.mode != 'vib' else f"{s['beta']:g}",
                   fmt_top1(s['val_top1']) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else ''),
                   {'none': '0', 'plain': 'unbounded'}.get(r.mode) or fmt_nats(s['nats_per_image']),
                   '-' if r.mode != 'vib' else _heads(s),
@@ -143,40 +141,49 @@ def _heads(s: Dict[str, Any]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> Path:
-    """Train (or reuse) the spectrum under ``args.output``/runs, write the report; returns index.html."""
+    """Train (or reuse) the spectrum for every seed under ``args.output``/runs, write the report;
+    returns index.html."""
     from rich.console import Console
     from . import training
     from .report import analyze
+    from .sweep import SweepError, parse_betas, parse_seeds, plan_runs, run_local
     console = Console()
-    if args.threads:
+    s = _settings(args)
+    if s['jobs'] < 1:
+        raise ValueError(f"--jobs must be >= 1, got {s['jobs']}")
+    if args.threads:  # this process trains when --jobs is 1, and writes the report
         import torch
         torch.set_num_threads(args.threads)
-    s = _settings(args)
-    betas = [float(b) for b in str(s['betas'] if args.betas is None else args.betas).split(',') if b.strip()]
-    if not betas:
-        raise ValueError('--betas names no beta')
+    betas = parse_betas(s['betas'] if args.betas is None else args.betas)
+    seeds = [args.seed] if args.seed is not None and args.seeds is None else parse_seeds(s['seeds'])
     root = Path(args.output)
-    plan = demo_plan(betas, not args.no_ends)
+    plan = plan_runs(sorted(betas, reverse=True), seeds, not args.no_ends)
     t0 = time.perf_counter()
-    console.rule(f'[bold]timm-vib demo: {len(plan)} models on {args.data}, then the report in {root / "report"}')
+    console.rule(f'[bold]timm-vib demo: {len(plan)} runs ({len(seeds)} seed{"s" * (len(seeds) > 1)}) on {args.data}, '
+                 f'then the report in {root / "report"}')
     console.print(f"settings ({args.preset}): {s}")
-    targs_all = []
-    for folder, name, override in plan:  # check every run's arguments before training any
-        out = root / 'runs' / folder
-        targs = training.parse_args(_train_argv(s, args, name, out))
-        targs.beta, targs.resume = override, 'latest'
+    todo = []
+    for run in plan:  # check every run's arguments before training any
+        out = root / 'runs' / run.folder
+        targs = training.parse_args(_train_argv(s, args, run.model, out, seed=run.seed))
+        targs.beta, targs.resume = run.beta, 'latest'
         training.check_args(targs)
-        targs_all.append((folder, targs))
-    runs = []
-    for i, (folder, targs) in enumerate(targs_all, 1):
-        out = Path(targs.output)
         if _reusable(out, targs):
-            console.rule(f'[{i}/{len(plan) + 1}] {folder}: finished run reused')
+            console.print(f'{run.folder}: finished run reused')
         else:
-            console.rule(f'[{i}/{len(plan) + 1}] training {folder}')
+            todo.append((run, targs))
+    if s['jobs'] == 1:
+        for i, (run, targs) in enumerate(todo, 1):
+            console.rule(f'[{i}/{len(todo) + 1}] training {run.folder}')
             training.train(targs)
-        runs.append(out)
-    console.rule(f'[{len(plan) + 1}/{len(plan) + 1}] report')
+    elif todo:
+        console.rule(f'training {len(todo)} runs, {s["jobs"]} at a time (logs in {root / "runs" / "logs"})')
+        failed = run_local(todo, root / 'runs', s['jobs'], args.threads, print_fn=console.print)
+        if failed:
+            raise SweepError(f'{len(failed)} runs failed (rerun the same command to resume them): '
+                             + '; '.join(f'{r.folder}: {why}' for r, why in failed))
+    runs = [root / 'runs' / r.folder for r in plan]
+    console.rule(f'[{len(todo) + 1}/{len(todo) + 1}] report')
     index = analyze(runs, root / 'report', max_images=s['max_images'], nmi_samples=s['nmi_samples'],
                     progress=not args.no_progress)
     console.print(summary_table(runs, title=f'timm-vib demo on {args.data} ({time.perf_counter() - t0:.0f} s in all)'))
@@ -196,9 +203,10 @@ def _analyze_cli(args: argparse.Namespace) -> Path:
 
 def register_cli(sub) -> None:
     """Add ``demo`` and ``analyze`` to the ``timm-vib`` sub-command parser ``sub``."""
-    from .cli import command
+    from .errors import command
     d = add_demo_args(sub.add_parser('demo', help='train a small spectrum on built-in data and write its report'))
-    d.set_defaults(func=command(run_demo))
+    from .sweep import SweepError
+    d.set_defaults(func=command(run_demo, errors=(SweepError,)))
     a = sub.add_parser('analyze', help='write the report (figures, index.html, index.md) of any set of runs')
     a.add_argument('run_dirs', nargs='+', help='run folders (with summary.json) or sweep folders holding them')
     a.add_argument('--out', required=True, help='report folder')

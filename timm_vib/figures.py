@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 
 from .files import atomic_write  # noqa: E402
 
-__all__ = ['save_figure', 'plot_accuracy_vs_information', 'model_label', 'beta_colors']
+__all__ = ['save_figure', 'plot_accuracy_vs_information', 'model_label', 'beta_colors', 'seed_stats',
+           'group_by_position']
 
 
 def save_figure(fig: 'plt.Figure', path: Union[str, os.PathLike], dpi: int = 130) -> Path:
@@ -49,34 +50,63 @@ def beta_colors(betas: Sequence[float]) -> Dict[float, Any]:
     return out
 
 
+def seed_stats(values: Sequence[float]) -> tuple:
+    """(mean, std over seeds with ddof=1; None for a single seed) of a list of per-seed values."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def group_by_position(summaries: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    """Summaries grouped by their place on the spectrum (attention mode, beta): one group per model,
+    holding its runs over seeds, in the order first met."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for s in summaries:
+        groups.setdefault((s.get('attn_mode'), float(s.get('beta') or 0.0)), []).append(s)
+    return list(groups.values())
+
+
 def plot_accuracy_vs_information(
         summaries: List[Dict[str, Any]],
         path: Union[str, os.PathLike],
         title: Optional[str] = None,
 ) -> Path:
-    """Top-1 against nats per image written by attention (log axis), one point per run (paper Fig. 1b).
+    """Top-1 against nats per image written by attention (log axis), one point per model (paper Fig. 1b).
 
-    Bottlenecked runs are placed at their measured information, with stochastic-eval error bars
-    (std over K sampled validation passes) when present; the no-attention run (0 nats) and the
-    unmodified ViT (unbounded) are drawn as horizontal reference lines.
+    With one run per model, bottlenecked runs are placed at their measured information, with
+    stochastic-eval error bars (std over K sampled validation passes) when present. With several
+    seeds per model, each point is the mean over seeds with std-over-seeds error bars in both
+    directions (the paper's Fig. 1b). The no-attention run (0 nats) and the unmodified ViT
+    (unbounded) are horizontal reference lines (a band of ± std over seeds when there are several).
     """
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
-    vib = sorted((s for s in summaries if s.get('attn_mode') == 'vib'), key=lambda s: s['nats_per_image'])
-    colors = beta_colors([s['beta'] for s in vib])
+    groups = group_by_position(summaries)
+    vib = sorted((g for g in groups if g[0].get('attn_mode') == 'vib'),
+                 key=lambda g: seed_stats([s['nats_per_image'] for s in g])[0])
+    colors = beta_colors([g[0]['beta'] for g in vib])
     xs, ys = [], []
-    for s in vib:
-        nats = max(s['nats_per_image'], 1e-3)  # a log axis has no zero
-        st = s.get('stochastic_eval') or {}
-        y, err = (st['top1_mean'], st['top1_std']) if st.get('top1_mean') is not None else (s['val_top1'], None)
-        ax.errorbar(nats, y, yerr=err, fmt='o', color=colors[s['beta']], capsize=3, ms=7, label=model_label(s))
+    for g in vib:
+        nats, nats_sd = seed_stats([s['nats_per_image'] for s in g])
+        nats = max(nats, 1e-3)  # a log axis has no zero
+        st = g[0].get('stochastic_eval') or {}
+        if len(g) > 1:
+            y, err = seed_stats([s['val_top1'] for s in g])
+            label = f'{model_label(g[0])} ({len(g)} seeds)'
+        else:
+            y, err = (st['top1_mean'], st['top1_std']) if st.get('top1_mean') is not None else (g[0]['val_top1'], None)
+            nats_sd, label = None, model_label(g[0])
+        ax.errorbar(nats, y, yerr=err, xerr=nats_sd, fmt='o', color=colors[g[0]['beta']], capsize=3, ms=7, label=label)
         xs.append(nats)
         ys.append(y)
     ax.plot(xs, ys, '-', color='0.7', zorder=0)
     ends = {'none': ('no attention (0 nats)', '#2b2d6e', '--'), 'plain': ('ViT, unrestricted attention', '#d4a017', '-.')}
-    for s in summaries:
-        if s.get('attn_mode') in ends:
-            label, color, style = ends[s['attn_mode']]
-            ax.axhline(s['val_top1'], color=color, ls=style, lw=1.5, label=f"{label}: {s['val_top1']:.1f}%")
+    for g in groups:
+        if g[0].get('attn_mode') in ends:
+            label, color, style = ends[g[0]['attn_mode']]
+            y, sd = seed_stats([s['val_top1'] for s in g])
+            text = f'{label}: {y:.1f}%' + (f' ± {sd:.1f} ({len(g)} seeds)' if sd is not None else '')
+            ax.axhline(y, color=color, ls=style, lw=1.5, label=text)
+            if sd is not None:
+                ax.axhspan(y - sd, y + sd, color=color, alpha=0.12, lw=0)
     ax.set_xscale('log')
     ax.set_xlabel('information written by attention (nats per image, log scale)')
     ax.set_ylabel('validation top-1 (%)')

@@ -20,27 +20,19 @@ from urllib.parse import urlparse
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, copy_model, read_config
+from .errors import command
 from .figures import plot_accuracy_vs_information
+from .runs import RUN_FILES, find_runs, read_json as _read_json
 from .vision_transformer_vib import name_for_beta
 
-__all__ = ['export', 'push', 'push_sweep', 'build_card', 'repo_name', 'HubUnreachableError', 'find_runs', 'FIGURE_NAME']
+__all__ = ['export', 'push', 'push_sweep', 'build_card', 'repo_name', 'HubUnreachableError', 'FIGURE_NAME']
 
 PathLike = Union[str, os.PathLike]
 FIGURE_NAME = 'accuracy_vs_information.png'
-RUN_FILES = ('metrics.jsonl', 'run_config.json', 'summary.json')
 
 
 class HubUnreachableError(ConnectionError):
     """The Hub cannot be reached (offline mode, or no network): nothing was uploaded."""
-
-
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f'{path} is missing') from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is corrupt (not valid JSON: {e})') from None
 
 
 def _check_run(run_dir: Path) -> Dict[str, Any]:
@@ -54,11 +46,6 @@ def _check_run(run_dir: Path) -> Dict[str, Any]:
             raise FileNotFoundError(f'{run_dir} has no {name}: the run did not write its final weights')
     read_config(run_dir)
     return _read_json(run_dir / 'summary.json')
-
-
-def find_runs(folder: PathLike) -> List[Path]:
-    """Finished run folders (with ``summary.json``) directly inside ``folder`` (a sweep), sorted."""
-    return sorted(p.parent for p in Path(folder).glob('*/summary.json'))
 
 
 def _card_metadata() -> Dict[str, Any]:
@@ -256,18 +243,21 @@ def push_sweep(
     runs = find_runs(sweep_dir)
     if not runs:
         raise FileNotFoundError(f'{sweep_dir} holds no finished runs (no */summary.json)')
+    names = [repo_name(_read_json(run / 'summary.json')) + suffix for run in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # e.g. a sweep over seeds: one repo per model, so push one seed folder
+        raise ValueError(f'{sweep_dir} holds several runs for {", ".join(twice)} (several seeds?): '
+                         f'push one seed folder (e.g. {sweep_dir}/seed0)')
     if not kwargs.get('dry_run'):
         check_hub_reachable()
     out = []
-    for run in runs:
-        name = repo_name(_read_json(run / 'summary.json')) + suffix
+    for run, name in zip(runs, names):
         out.append(push(run, f'{namespace}/{name}', folder=Path(folder) / name if folder else None, **kwargs))
     return out
 
 
 def add_commands(sub: Any) -> None:
     """``timm-vib export`` and ``timm-vib push`` sub-commands."""
-    from .cli import command
     p = sub.add_parser('export', help='write the Hugging Face Hub folder of a finished run')
     p.add_argument('run_dir', type=Path)
     p.add_argument('folder', type=Path)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .figures import beta_colors, model_label, plot_accuracy_vs_information, plt, save_figure
+from .figures import beta_colors, model_label, plot_accuracy_vs_information, plt, save_figure, seed_stats
 from .files import atomic_write_json, atomic_write_text
 
 __all__ = ['Run', 'load_runs', 'analyze', 'fmt_top1', 'fmt_nats', 'head_label', 'FIGURES']
@@ -64,6 +64,10 @@ class Run:
         return float(self.summary.get('beta') or 0.0)
 
     @property
+    def seed(self) -> int:
+        return int(self.summary.get('seed') or 0)
+
+    @property
     def active(self) -> List[Tuple[int, int]]:
         """Active heads from the run's own measurement (KL > 1e-2 nats on some validation patch)."""
         return [tuple(int(i) for i in h.split('.')) for h in (self.summary.get('active_heads') or [])]
@@ -75,15 +79,24 @@ class Run:
         return self._model
 
 
-def _order(run: Run) -> Tuple[int, float]:
-    # along the spectrum: no attention, then decreasing beta (more information), then the plain ViT
-    return {'none': (0, 0.0), 'plain': (2, 0.0)}.get(run.mode, (1, -run.beta))
+def _order(run: Run) -> Tuple[int, float, int]:
+    # along the spectrum: no attention, then decreasing beta (more information), then the plain ViT;
+    # seeds in order within each model
+    return {'none': (0, 0.0), 'plain': (2, 0.0)}.get(run.mode, (1, -run.beta)) + (run.seed,)
+
+
+def seed_groups(runs: Sequence[Run]) -> List[List[Run]]:
+    """Runs grouped by model along the spectrum (mode, beta), each group its runs over seeds."""
+    groups: Dict[Tuple[str, float], List[Run]] = {}
+    for r in sorted(runs, key=_order):
+        groups.setdefault((r.mode, r.beta), []).append(r)
+    return list(groups.values())
 
 
 def load_runs(run_dirs: Sequence[PathLike]) -> List[Run]:
     """Finished runs (a folder with ``summary.json``, or a sweep folder holding such runs), ordered
     along the spectrum: no attention, beta high to low, plain ViT."""
-    from .hub import find_runs
+    from .runs import find_runs
     dirs: List[Path] = []
     for d in map(Path, run_dirs):
         if (d / 'summary.json').is_file():
@@ -134,13 +147,24 @@ def fig_accuracy(runs: List[Run], path: Path) -> str:
     plot_accuracy_vs_information([r.summary for r in runs], path,
                                  title='Accuracy vs information written by attention (Fig. 1b)')
     parts = []
-    for r in runs:
-        s = r.summary
+    groups = seed_groups(runs)
+    for g in groups:
+        r, s = g[0], g[0].summary
+        if len(g) > 1:  # mean ± std over seeds (ddof 1), as the paper reports
+            top1, top1_sd = seed_stats([x.summary['val_top1'] for x in g])
+            info = ''
+            if r.mode == 'vib':
+                nats, nats_sd = seed_stats([x.summary['nats_per_image'] for x in g])
+                info = f" at {fmt_nats(nats)} ± {fmt_nats(nats_sd)} nats/image"
+            parts.append(f"{r.label}: {fmt_top1(top1)} ± {top1_sd:.1f}{info}")
+            continue
         st = s.get('stochastic_eval') or {}
         sd = f" (stochastic {st['top1_mean']:.1f}±{st['top1_std']:.1f})" if st.get('top1_std') is not None else ''
         info = '' if r.mode != 'vib' else f" at {fmt_nats(s['nats_per_image'])} nats/image"
         parts.append(f"{r.label}: {fmt_top1(s['val_top1'])}{sd}{info}")
-    return 'Validation top-1 vs nats per image written by attention: ' + '; '.join(parts) + '.'
+    seeds = sorted({r.seed for r in runs})
+    over = f' (mean ± std over seeds {", ".join(map(str, seeds))})' if any(len(g) > 1 for g in groups) else ''
+    return f'Validation top-1 vs nats per image written by attention{over}: ' + '; '.join(parts) + '.'
 
 
 def fig_voting(runs: List[Run], loader, path: Path, colors) -> str:
@@ -380,16 +404,24 @@ def fig_repetition(runs: List[Run], ds, path: Path, n_patches: int = 256, max_he
 
 
 def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_points: int = 2048,
-            n_samples: int = 20000, seed: int = 0) -> str:
+            n_samples: int = 20000, seed: int = 0, other_seeds: Sequence[Run] = ()) -> str:
+    """``other_seeds``: the most restricted model's runs with other seeds; their most informative
+    head joins the matrix, to compare the first head to open across seeds (Fig. 6a)."""
     from .estimators import iterate_records, nmi_matrix
-    # per model, its active heads that carry most (mean KL per patch >= 1e-3 nats: below that the
-    # Monte Carlo NMI is a ratio of noise), the most restricted models first
-    per_model = max(2, max_heads // max(1, len(_restricted(runs))))
-    heads = []
-    for r in _restricted(runs):
+
+    def ranked(r: Run) -> List[Tuple[int, int]]:
+        # active heads that carry most (mean KL per patch >= 1e-3 nats: below that the Monte Carlo
+        # NMI is a ratio of noise), most informative first
         kl = r.summary['head_kl']
-        ranked = sorted((lh for lh in r.active if kl[lh[0]][lh[1]] >= 1e-3), key=lambda lh: -kl[lh[0]][lh[1]])
-        heads += [(r, lh) for lh in sorted(ranked[:per_model])]
+        return sorted((lh for lh in r.active if kl[lh[0]][lh[1]] >= 1e-3), key=lambda lh: -kl[lh[0]][lh[1]])
+    # per model, its most informative heads, the most restricted models first
+    across = [(r, ranked(r)[0]) for r in other_seeds if ranked(r)]
+    per_model = max(2, (max_heads - len(across)) // max(1, len(_restricted(runs))))
+    heads = []
+    for i, r in enumerate(_restricted(runs)):
+        heads += [(r, lh) for lh in sorted(ranked(r)[:per_model])]
+        if i == 0:
+            heads += across
     heads = heads[:max_heads]
     if len(heads) < 2:
         fig, ax = plt.subplots(figsize=(5, 1))
@@ -416,7 +448,8 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
         i = mine.index(lh)
         pairs.append((mu[i, pts].double(), lv[i, pts].double()))
     res = nmi_matrix(pairs, n_samples=n_samples, seed=seed)
-    names = [f'{r.label}, head {head_label(*lh)}' for r, lh in heads]
+    seeded = bool(across)
+    names = [f'{r.label}{f" seed {r.seed}" if seeded else ""}, head {head_label(*lh)}' for r, lh in heads]
     K = len(heads)
     # I(U;U') near 0 makes the ratio meaningless: leave those heads out (named in the caption)
     self_mi, self_se = torch.diagonal(res.mutual_information), torch.diagonal(res.mutual_information_stderr)
@@ -452,6 +485,15 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
     info = ', '.join(f'{n}: {float(res.information[i]):.3g}' for n, i in zip(names, ok))
     if dropped:
         info += f" (left out, I(U;U') below 0.001 nats or not resolved by the samples: {', '.join(dropped)})"
+    if seeded:  # the most restricted model's most informative head, seed against seed
+        r0 = _restricted(runs)[0]
+        tops = [(r0, ranked(r0)[0])] + across if ranked(r0) else across
+        first = [i for i, (r, lh) in enumerate(heads) if any(r is t and lh == tl for t, tl in tops)]
+        pairs_txt = [f'{names[a]} ~ {names[b]}: {float(val[a, b]):.2f}' for ai, a in enumerate(first) for b in first[ai + 1:]]
+        if pairs_txt:
+            best = [x for x in best if not (x[1] in first and x[2] in first)]
+            txt = '; '.join(f'{names[a]} ~ {names[b]}: {v:.2f}±{float(se[a, b]):.2f}' for v, a, b in best)
+            info += f". Across seeds, the most restricted model's most informative head: {'; '.join(pairs_txt)}"
     return (f'Normalised mutual information between {K} active heads (the most informative of the most restricted '
             f'models whose information the {n_samples} samples resolve) over {len(pts)} '
             f'patches; I(X;U) in nats: {info}. ' + (f'Most similar heads across models: {txt}.' if best else
@@ -521,6 +563,9 @@ def fig_qk(runs: List[Run], path: Path, colors) -> str:
 # --- report -------------------------------------------------------------------------------------
 
 def _table_rows(runs: List[Run]) -> List[Dict[str, str]]:
+    groups = seed_groups(runs)
+    if any(len(g) > 1 for g in groups):
+        return [_seed_row(g) for g in groups]
     rows = []
     for r in runs:
         s = r.summary
@@ -534,6 +579,26 @@ def _table_rows(runs: List[Run]) -> List[Dict[str, str]]:
             (f"{len(r.active)}: {', '.join(s['active_heads'])}" if r.active else '0'),
         })
     return rows
+
+
+def _seed_row(g: List[Run]) -> Dict[str, str]:
+    """A model's table row over its seeds: mean ± std (ddof 1) of top-1, nats and active heads."""
+    r = g[0]
+
+    def ms(key: str, fmt) -> str:
+        m, sd = seed_stats([x.summary[key] for x in g])
+        return fmt(m) + ('' if sd is None else f' ± {fmt(sd).rstrip("%")}')
+    vib = r.mode == 'vib'
+    heads = seed_stats([len(x.active) for x in g])
+    return {
+        'run': r.dir.name, 'model': r.summary['model'], 'beta': f'{r.beta:g}' if vib else '-',
+        'seeds': ', '.join(str(x.seed) for x in g),
+        'top-1': ms('val_top1', fmt_top1),
+        'nats / image': ms('nats_per_image', fmt_nats) if vib else ('0' if r.mode == 'none' else 'unbounded'),
+        'nats / patch': ms('nats_per_patch', fmt_nats) if vib else ('0' if r.mode == 'none' else 'unbounded'),
+        'active heads': '-' if not vib else f'{heads[0]:.3g}' + ('' if heads[1] is None else f' ± {heads[1]:.2g}')
+        + ' (' + ', '.join(str(len(x.active)) for x in g) + ')',
+    }
 
 
 def _write_index(out: Path, runs: List[Run], figures: List[Tuple[str, str, str]], meta: Dict[str, Any]) -> None:
@@ -578,15 +643,22 @@ def analyze(
     ``captions.json``, ``index.html`` and ``index.md``. Returns the ``index.html`` path.
 
     Estimators stream over at most ``max_images`` validation images (the first ones, same for every run).
+    With several seeds per model (``timm-vib sweep --seeds``), the accuracy figure and the table show
+    mean ± std over seeds, the NMI figure compares the most restricted model's most informative head
+    across seeds, and the other figures dissect the first seed's runs.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    runs = load_runs(run_dirs)
-    if not runs:
+    all_runs = load_runs(run_dirs)
+    if not all_runs:
         raise ValueError('no runs to analyse')
+    groups = seed_groups(all_runs)
+    runs = [g[0] for g in groups]  # one seed per model for the per-run dissections
+    restricted = [g for g in groups if g[0].mode == 'vib']
+    other_seeds = restricted[0][1:] if restricted else []  # the most restricted model's other seeds
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    for r in runs:
+    for r in runs + other_seeds:
         r.model(device)
     ds, spec = _val_data(runs, max_images)
     loader = _loader(ds, batch_size)
@@ -602,14 +674,14 @@ def analyze(
         return fig_voting(runs, loader, p, colors)
 
     steps: List[Tuple[str, str, Callable[[Path], str]]] = [
-        (FIGURES[0], 'Accuracy vs information (Fig. 1b)', lambda p: fig_accuracy(runs, p)),
+        (FIGURES[0], 'Accuracy vs information (Fig. 1b)', lambda p: fig_accuracy(all_runs, p)),
         (FIGURES[1], 'Patch voting (Fig. 1c)', js_first),
         (FIGURES[2], 'KL maps (Fig. 2)', kl_maps),
         (FIGURES[3], 'Survival functions and active heads (Fig. 3)', lambda p: fig_survival(runs, loader, p)),
         (FIGURES[4], 'Top-activating patches (Fig. 4)', lambda p: fig_top_patches(runs, loader, ds, spec, p)),
         (FIGURES[5], 'Repetition probe (Fig. 5)', lambda p: fig_repetition(runs, ds, p, probe_patches)),
         (FIGURES[6], 'NMI between active heads (Fig. 6)',
-         lambda p: fig_nmi(runs, ds, loader, p, n_samples=nmi_samples, max_points=nmi_points)),
+         lambda p: fig_nmi(runs, ds, loader, p, n_samples=nmi_samples, max_points=nmi_points, other_seeds=other_seeds)),
         (FIGURES[7], 'Jensen-Shannon divergence to the ends (Fig. 7)', lambda p: fig_js(runs, js, p)),
         (FIGURES[8], 'Query-key SVD by layer', lambda p: fig_qk(runs, p, colors)),
     ]
@@ -628,7 +700,7 @@ def analyze(
     meta = {'dataset': s0.get('dataset'), 'images': len(ds), 'depth': s0.get('depth'), 'heads': s0.get('num_heads'),
             'img_size': s0.get('img_size'), 'patch_size': s0.get('patch_size'), 'kl_reduction': s0.get('kl_reduction')}
     atomic_write_json(out / 'captions.json', {
-        'runs': [str(r.dir) for r in runs], **meta,
+        'runs': [str(r.dir) for r in all_runs], **meta,
         'figures': [{'file': f'{n}.png', 'title': t, 'caption': c} for n, t, c in done]})
-    _write_index(out, runs, done, meta)
+    _write_index(out, all_runs, done, meta)
     return out / 'index.html'

@@ -1,15 +1,9 @@
 """Training through Hugging Face Accelerate: one loop for one CPU, one GPU, many GPUs or nodes.
 
 ``train(args)`` is the loop, written top to bottom like Accelerate's examples; the pieces it uses
-(arguments, model, schedule, evaluation, checkpoints, run files) are the other functions here.
-``examples/train.py`` and the ``timm-vib train`` / ``timm-vib sweep`` commands all call it.
-
-Run folder ``DIR`` (``--output``):
-  run_config.json   every choice: resolved arguments, model, beta, KL convention, data, world size, versions
-  metrics.jsonl     one JSON object per epoch (train / val loss, CE, top-1 / top-5 in %, nats, per-head KL)
-  model.safetensors + config.json   final weights in timm's Hub format (``timm_vib.checkpoints.load_model``)
-  checkpoints/      Accelerate states (model, optimizer, RNGs, sampler) + train_state.json
-  summary.json      written last: its presence means the run finished
+(arguments, model, schedule, evaluation, checkpoints) are the other functions here. The run folder
+it writes (``--output``) is described in :mod:`timm_vib.runs`. ``examples/train.py``, ``timm-vib
+train`` and every run of ``timm-vib sweep`` / ``timm-vib demo`` call it.
 """
 import argparse
 import ast
@@ -27,12 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write_json, atomic_write_text
+from .errors import command
+from .files import atomic_write_json
 from .information import KL_REDUCTIONS, information_loss, information_per_sample
-from .vision_transformer_vib import name_for_beta
+from .runs import METRICS, RUN_CONFIG, SUMMARY, append_metrics, read_metrics, truncate_metrics
 
-__all__ = ['add_train_args', 'parse_args', 'train', 'run_sweep', 'evaluate', 'Checkpoints', 'build_model',
-           'register_cli', 'ACTIVE_KL', 'sweep_model_name']
+__all__ = ['add_train_args', 'parse_args', 'to_argv', 'train', 'evaluate', 'Checkpoints', 'build_model',
+           'register_cli', 'ACTIVE_KL']
 
 ACTIVE_KL = 1e-2  # nats: a head is active if it sends more than this to at least one validation patch (paper)
 BETA_SCHEDULES = ('linear', 'log')
@@ -82,7 +77,9 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         '(the reference\'s --sqrt-kl: square root of each head\'s mean KL over tokens, then mean)')
     g.add_argument('--compile', action='store_true', help='torch.compile the model (through Accelerate)')
     g = p.add_argument_group('data')
-    g.add_argument('--data', default='digits', help='digits | fashion-mnist[:FOLDER] | an ImageNet-style FOLDER')
+    g.add_argument('--data', default='digits',
+                   help='digits | fashion-mnist[:FOLDER] | an ImageNet-style FOLDER | one of timm\'s dataset names '
+                        'with its local root, PREFIX/NAME:ROOT (torch/cifar10:DIR, hfds/NAME:CACHE_DIR)')
     g.add_argument('--class-list', default=None, help='file of WordNet ids to keep, or "imagenet100"')
     g.add_argument('--max-train-samples', type=int, default=None, help='keep N training images (short runs)')
     g.add_argument('--max-val-samples', type=int, default=None, help='keep N validation images')
@@ -124,6 +121,27 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse the training arguments (``examples/train.py`` and ``timm-vib train`` take the same)."""
     return add_train_args(argparse.ArgumentParser(description='Train a timm_vib model with Accelerate')).parse_args(argv)
+
+
+def to_argv(args: argparse.Namespace) -> List[str]:
+    """The command line that parses back to these training arguments (``parse_args(to_argv(a)) == a``):
+    how a sweep hands a run to another process or to a Slurm job."""
+    defaults = vars(parse_args([]))
+    argv: List[str] = []
+    for key, default in defaults.items():
+        value = getattr(args, key, default)
+        flag = '--' + key.replace('_', '-')
+        if value is None or value == default and not isinstance(default, (list, bool)):
+            continue
+        if isinstance(default, bool):
+            argv += [flag] if value else []
+        elif key == 'model_kwargs':
+            argv += [flag, *(f'{k}={v!r}' for k, v in dict(value).items())] if value else []
+        elif isinstance(default, list):
+            argv += [flag, *map(str, value)] if value else []
+        else:
+            argv += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return argv
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -336,39 +354,69 @@ def _versions() -> Dict[str, str]:
             'accelerate': accelerate.__version__, 'timm_vib': timm_vib.__version__}
 
 
-def _read_metrics(path: Path) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def _append_metrics(path: Path, row: Dict[str, Any]) -> None:
-    rows = _read_metrics(path) + [row]
-    atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in rows))
-
-
 # Arguments that define what is trained: a resumed run must agree on them with the run it continues.
 _SAME_ON_RESUME = ('model', 'model_kwargs', 'beta', 'kl_reduction', 'beta_warmup_epochs', 'beta_schedule',
                    'data', 'class_list', 'max_train_samples',
                    'batch_size', 'lr', 'weight_decay', 'warmup_epochs', 'grad_accum', 'seed', 'epochs')
 
 
-# --- the loop -----------------------------------------------------------------------------------
+def _run_config(args, accelerator, spec, arch: str, model_args: Dict[str, Any], beta: float, attn_mode: str,
+                img_size: int, updates_per_epoch: int, beta_warmup_updates: int) -> Dict[str, Any]:
+    """run_config.json: every choice of the run."""
+    return {
+        'args': {k: dict(v) if k == 'model_kwargs' else v for k, v in vars(args).items()
+                 if k not in ('kill_at_step', 'func')},
+        'model': args.model, 'architecture': arch, 'model_kwargs': model_args, 'beta': beta, 'attn_mode': attn_mode,
+        'kl_reduction': args.kl_reduction, 'beta_warmup_epochs': args.beta_warmup_epochs,
+        'beta_schedule': args.beta_schedule, 'beta_warmup_updates': beta_warmup_updates,
+        'data': spec.to_dict(), 'dataset': spec.name, 'num_classes': spec.num_classes, 'img_size': img_size,
+        'mean': list(spec.mean), 'std': list(spec.std),
+        'optimizer': {'name': 'adamw', 'lr': args.lr, 'weight_decay': args.weight_decay,
+                      'no_weight_decay': 'biases, 1-D parameters, model.no_weight_decay() (all bottleneck parameters)'},
+        'schedule': {'name': 'timm cosine, linear warmup from min_lr', 'warmup_epochs': args.warmup_epochs,
+                     'updates_per_epoch': updates_per_epoch, 'total_updates': updates_per_epoch * args.epochs,
+                     'min_lr': args.min_lr, 'stepped': 'per optimizer update'},
+        'world_size': accelerator.num_processes,
+        'global_batch_size': args.batch_size * accelerator.num_processes * args.grad_accum,
+        'mixed_precision': accelerator.mixed_precision, 'device': str(accelerator.device), 'seed': args.seed,
+        'versions': _versions(),
+    }
 
-def train(args: argparse.Namespace) -> Path:
-    """Train one model as ``args`` say; returns the run folder. A finished run (summary.json present)
-    is returned as it is when ``--resume`` is given."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from accelerate.data_loader import skip_first_batches
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
-    from .checkpoints import save_model
-    from .data import create_loaders
+def _summary(args, net, accelerator, spec, arch: str, beta: float, attn_mode: str, img_size: int,
+             state: Dict[str, Any], last: Dict[str, Any]) -> Dict[str, Any]:
+    """summary.json: the finished run in one record (the last epoch's metrics, throughput, seed)."""
+    se = {k[len('stochastic_'):]: v for k, v in last.items() if k.startswith('stochastic_')} or None
+    pe = getattr(net, 'patch_embed', None)
+    blocks = getattr(net, 'blocks', [])
+    if blocks and hasattr(blocks[0], 'attn'):
+        num_heads = blocks[0].attn.num_heads
+    else:
+        num_heads = getattr(blocks[0], 'num_heads', None) if blocks else None
+    return {
+        'model': args.model, 'architecture': arch, 'beta': beta, 'attn_mode': attn_mode,
+        'kl_reduction': args.kl_reduction, 'beta_schedule': args.beta_schedule,
+        'eval_z': args.eval_z if attn_mode == 'vib' else None,
+        'beta_warmup_epochs': args.beta_warmup_epochs, 'dataset': spec.name, 'num_classes': spec.num_classes,
+        'img_size': img_size, 'patch_size': int(pe.patch_size[0]) if pe is not None else None,
+        'depth': len(blocks), 'num_heads': num_heads,
+        'vib_dim': getattr(net, 'vib_dim', None), 'vib_hidden': getattr(net, 'vib_hidden', None),
+        'epochs': args.epochs, 'steps': state['step'],
+        'val_top1': last['val_top1'], 'val_top5': last['val_top5'], 'val_loss': last['val_loss'],
+        'nats_per_image': last['nats_per_image'], 'nats_per_patch': last['nats_per_patch'],
+        'head_kl': last['head_kl'], 'active_heads': last['active_heads'],
+        'num_active_heads': None if last['active_heads'] is None else len(last['active_heads']),
+        'stochastic_eval': se, 'train_seconds': state['train_seconds'],
+        'train_samples_per_second': state['samples'] / state['train_seconds'] if state['train_seconds'] else None,
+        'world_size': accelerator.num_processes, 'seed': args.seed,
+    }
 
-    # 1. Check everything we can before starting anything
+
+# --- the loop, step by step -----------------------------------------------------------------------
+
+def _resolve(args: argparse.Namespace) -> Tuple[argparse.Namespace, Path, int]:
+    """Step 1: check everything that can be checked before anything starts; returns a copy of the
+    arguments with defaults resolved, the run folder and the image size."""
     args = copy.copy(args)
     args.model_kwargs = list(args.model_kwargs)
     check_args(args)
@@ -376,10 +424,8 @@ def train(args: argparse.Namespace) -> Path:
         args.beta_warmup_epochs = 0.1 * args.epochs  # the reference script: 100 of 1000 epochs
     out = Path(args.output or _default_output(args))
     args.output = str(out)
-    if (out / 'summary.json').is_file():
-        if args.resume:
-            return out
-        raise ValueError(f'{out} holds a finished run (summary.json); choose another --output or remove it')
+    if (out / SUMMARY).is_file() and not args.resume:
+        raise ValueError(f'{out} holds a finished run ({SUMMARY}); choose another --output or remove it')
     if not args.resume and (out / 'checkpoints').is_dir() and any((out / 'checkpoints').glob('ckpt-*')):
         raise ValueError(f'{out} holds an unfinished run: pass --resume to continue it, or choose another --output')
     model_kwargs = dict(args.model_kwargs)
@@ -387,10 +433,15 @@ def train(args: argparse.Namespace) -> Path:
     patch = model_kwargs.get('patch_size')
     if patch is not None and img_size % int(patch):
         raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch}: the patch grid must divide the image')
+    return args, out, img_size
 
-    # 2. Accelerator: device, processes, mixed precision; the seedable sampler makes the shuffling
-    # a function of (seed, epoch), which exact resumption relies on
-    accelerator = Accelerator(
+
+def _accelerator(args: argparse.Namespace, out: Path):
+    """Step 2: device, processes, mixed precision. The seedable sampler makes the shuffling a function
+    of (seed, epoch), which exact resumption relies on."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    return Accelerator(
         gradient_accumulation_steps=args.grad_accum,
         mixed_precision=_mixed_precision(args.mixed_precision),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -400,6 +451,150 @@ def train(args: argparse.Namespace) -> Path:
         # without a GPU, say so: only then does Accelerate take torchrun's WORLD_SIZE > 1 as multi-CPU (gloo)
         cpu=args.cpu or not _has_accelerator(),
     )
+
+
+def _resume(args, accelerator, ckpts: 'Checkpoints', out: Path, config: Dict[str, Any]) -> Dict[str, Any]:
+    """Step 6: the training position (epoch, batch, step, running sums) to start from, restoring
+    model, optimizer, RNG and sampler states from the checkpoint when resuming; writes
+    run_config.json on a fresh start and drops metrics rows of epochs that will be trained again."""
+    state = {'epoch': 0, 'batch': 0, 'step': 0, 'samples': 0, 'train_seconds': 0.0, 'sums': [0.0, 0.0, 0.0, 0.0]}
+    resume_from = None
+    if args.resume:
+        resume_from = ckpts.latest() if args.resume == 'latest' else Path(args.resume)
+        if resume_from is None:
+            accelerator.print(f'no checkpoint in {ckpts.folder}: starting {out} from scratch')
+        elif not (resume_from / 'train_state.json').is_file():
+            raise FileNotFoundError(f'{resume_from} is not a checkpoint of this trainer (no train_state.json)')
+    if resume_from is not None:
+        old = json.loads((out / RUN_CONFIG).read_text()) if (out / RUN_CONFIG).is_file() else None
+        if old is not None:
+            diff = [k for k in _SAME_ON_RESUME if json.dumps(old['args'].get(k)) != json.dumps(config['args'].get(k))]
+            if diff:
+                raise ValueError(f'--resume with arguments that differ from the run in {out}: {", ".join(diff)}')
+        state = ckpts.load(resume_from)
+        if not accelerator.is_main_process:
+            state['sums'] = [0.0] * 4  # the saved sums are over all processes; rank 0 carries them
+        accelerator.print(f'resumed from {resume_from} (epoch {state["epoch"] + 1}, batch {state["batch"]}, step {state["step"]})')
+    if accelerator.is_main_process:
+        if resume_from is None:
+            atomic_write_json(out / RUN_CONFIG, config)
+        truncate_metrics(out / METRICS, state['epoch'])
+    return state
+
+
+class _Sums:
+    """Loss, CE, correct and sample counts of an epoch, summed on the device: adding a step's values
+    queues work without waiting for it, and only :meth:`read` (at the log interval and the epoch's
+    end) synchronises with the device. float64 where the device has it (not on MPS)."""
+
+    def __init__(self, start: Sequence[float], device: torch.device):
+        dtype = torch.float32 if device.type == 'mps' else torch.float64
+        self.value = torch.tensor(list(start), dtype=dtype, device=device)
+        self._count = torch.zeros((), dtype=dtype, device=device)
+
+    def add(self, loss: torch.Tensor, ce: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        n = self._count.fill_(y.shape[0])  # a device-side fill: a Python number in torch.tensor() would be a copy
+        self.value += torch.stack([loss.detach().to(n.dtype) * n, ce.detach().to(n.dtype) * n,
+                                   (logits.detach().argmax(-1) == y).sum().to(n.dtype), n])
+
+    def read(self, accelerator=None) -> List[float]:
+        """[loss sum, ce sum, correct, count], over all processes when ``accelerator`` is given."""
+        v = self.value.clone()
+        return (accelerator.reduce(v, 'sum') if accelerator is not None else v).tolist()
+
+
+def train_one_epoch(args, epoch: int, model, optimizer, scheduler, train_loader, accelerator, ckpts: 'Checkpoints',
+                    state: Dict[str, Any], beta: float, beta_warmup_updates: int, has_kl: bool,
+                    progress, task) -> List[float]:
+    """Step 7: one epoch from ``state['batch']`` on (after a kill mid-epoch, exactly the batches that
+    were left, in the same order); updates ``state`` in place and returns the epoch's summed
+    [loss, ce, correct, count] over all processes."""
+    from accelerate.data_loader import skip_first_batches
+    model.train()
+    train_loader.set_epoch(epoch)
+    train_loader.dataset.set_epoch(epoch)  # augmentation seeds (seed, epoch, index)
+    loader = skip_first_batches(train_loader, state['batch']) if state['batch'] else train_loader
+    progress.reset(task, total=len(train_loader), completed=state['batch'])
+    show = not progress.disable
+    sums = _Sums(state['sums'], accelerator.device)
+    t0 = time.perf_counter()
+    for batch_idx, (x, y) in enumerate(loader, start=state['batch']):
+        with accelerator.accumulate(model):
+            beta_now = beta_at(beta, state['step'], beta_warmup_updates, args.beta_schedule)
+            if has_kl:
+                logits, kl = model(x, return_kl=True)
+                info = information_loss(kl, args.kl_reduction)
+            else:
+                logits, kl, info = model(x), None, 0.0
+            ce = F.cross_entropy(logits.float(), y)
+            loss = ce + beta_now * info
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sums.add(loss, ce, logits, y)
+        state['batch'] = batch_idx + 1
+        state['samples'] += x.shape[0] * accelerator.num_processes
+        if show:
+            progress.update(task, completed=state['batch'])
+        if not accelerator.sync_gradients:
+            continue
+        state['step'] += 1
+        scheduler.step_update(num_updates=state['step'])
+        if show and (state['step'] % args.log_interval == 0 or state['batch'] == len(train_loader)):
+            # the only reads of device values inside the epoch, and only when someone looks at them
+            nats = kl.detach().sum(dim=(1, 2, 3)).mean().item() if kl is not None else float('nan')
+            loss_sum, _, correct, count = sums.read()
+            progress.update(task, description=(
+                f'epoch {epoch + 1}/{args.epochs} loss {loss_sum / count:.3f} '
+                f'acc {100 * correct / count:.1f}% nats/img {nats:.1f}'))
+        if args.checkpoint_every and state['step'] % args.checkpoint_every == 0 and state['batch'] < len(train_loader):
+            state['train_seconds'] += time.perf_counter() - t0
+            state['sums'] = sums.read(accelerator)
+            ckpts.save(state)
+            t0 = time.perf_counter()
+        if args.kill_at_step is not None and state['step'] == args.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # tests: a real kill, at any point after a checkpoint
+    state['train_seconds'] += time.perf_counter() - t0
+    progress.update(task, completed=state['batch'])
+    return sums.read(accelerator)
+
+
+def _epoch_row(args, epoch: int, model, optimizer, val_loader, accelerator, state: Dict[str, Any],
+               train_sums: Sequence[float], beta_epoch: float, attn_mode: str) -> Dict[str, Any]:
+    """Step 8: the epoch's metrics.jsonl row: train metrics, validation (z sampled, or the posterior mean
+    with ``--eval-z mean``), and the K sampled validation passes after the last epoch (and every
+    ``--stochastic-eval-every`` epochs)."""
+    loss_sum, ce_sum, correct, count = train_sums
+    val = evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction, stochastic=args.eval_z == 'sample')
+    row = {'epoch': epoch + 1, 'step': state['step'], 'lr': optimizer.param_groups[0]['lr'], 'beta': beta_epoch,
+           'train_loss': loss_sum / count, 'train_ce': ce_sum / count, 'train_top1': 100 * correct / count, **val}
+    every = args.stochastic_eval_every
+    if args.stochastic_eval and attn_mode == 'vib' and (epoch + 1 == args.epochs or (every and (epoch + 1) % every == 0)):
+        se = stochastic_evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction, args.stochastic_eval)
+        row.update({f'stochastic_{k}': v for k, v in se.items()})
+    return row
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Train one model as ``args`` say; returns the run folder. A finished run (summary.json present)
+    is returned as it is when ``--resume`` is given."""
+    from accelerate.utils import set_seed
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    from .checkpoints import save_model
+    from .data import create_loaders
+
+    # 1. Check everything we can before starting anything
+    args, out, img_size = _resolve(args)
+    if (out / SUMMARY).is_file():
+        return out  # finished, and --resume asked for it
+
+    # 2. Accelerator: device, processes, mixed precision, seedable sampler
+    accelerator = _accelerator(args, out)
     set_seed(args.seed)
 
     # 3. Data and model
@@ -425,124 +620,29 @@ def train(args: argparse.Namespace) -> Path:
     beta_warmup_updates = round(args.beta_warmup_epochs * updates_per_epoch)
 
     # 5. Record every choice
-    net = accelerator.unwrap_model(model)
-    config = {
-        'args': {k: dict(v) if k == 'model_kwargs' else v for k, v in vars(args).items()
-                 if k not in ('kill_at_step', 'func')},
-        'model': args.model, 'architecture': arch, 'model_kwargs': model_args, 'beta': beta, 'attn_mode': attn_mode,
-        'kl_reduction': args.kl_reduction, 'beta_warmup_epochs': args.beta_warmup_epochs,
-        'beta_schedule': args.beta_schedule, 'beta_warmup_updates': beta_warmup_updates,
-        'data': spec.to_dict(), 'dataset': spec.name, 'num_classes': spec.num_classes, 'img_size': img_size,
-        'mean': list(spec.mean), 'std': list(spec.std),
-        'optimizer': {'name': 'adamw', 'lr': args.lr, 'weight_decay': args.weight_decay,
-                      'no_weight_decay': 'biases, 1-D parameters, model.no_weight_decay() (all bottleneck parameters)'},
-        'schedule': {'name': 'timm cosine, linear warmup from min_lr', 'warmup_epochs': args.warmup_epochs,
-                     'updates_per_epoch': updates_per_epoch, 'total_updates': updates_per_epoch * args.epochs,
-                     'min_lr': args.min_lr, 'stepped': 'per optimizer update'},
-        'world_size': accelerator.num_processes, 'global_batch_size': args.batch_size * accelerator.num_processes * args.grad_accum,
-        'mixed_precision': accelerator.mixed_precision, 'device': str(accelerator.device), 'seed': args.seed,
-        'versions': _versions(),
-    }
+    config = _run_config(args, accelerator, spec, arch, model_args, beta, attn_mode, img_size, updates_per_epoch,
+                         beta_warmup_updates)
     ckpts = Checkpoints(accelerator, out / 'checkpoints', args.keep_checkpoints)
-    metrics_path = out / 'metrics.jsonl'
 
     # 6. Resume: model, optimizer, RNG and sampler states, then our position in the data (and so the lr)
-    state = {'epoch': 0, 'batch': 0, 'step': 0, 'samples': 0, 'train_seconds': 0.0, 'sums': [0.0, 0.0, 0.0, 0.0]}
-    resume_from = None
-    if args.resume:
-        resume_from = ckpts.latest() if args.resume == 'latest' else Path(args.resume)
-        if resume_from is None:
-            accelerator.print(f'no checkpoint in {ckpts.folder}: starting {out} from scratch')
-        elif not (resume_from / 'train_state.json').is_file():
-            raise FileNotFoundError(f'{resume_from} is not a checkpoint of this trainer (no train_state.json)')
-    if resume_from is not None:
-        old = json.loads((out / 'run_config.json').read_text()) if (out / 'run_config.json').is_file() else None
-        if old is not None:
-            diff = [k for k in _SAME_ON_RESUME if json.dumps(old['args'].get(k)) != json.dumps(config['args'].get(k))]
-            if diff:
-                raise ValueError(f'--resume with arguments that differ from the run in {out}: {", ".join(diff)}')
-        state = ckpts.load(resume_from)
-        if not accelerator.is_main_process:
-            state['sums'] = [0.0] * 4  # the saved sums are over all processes; rank 0 carries them
-        accelerator.print(f'resumed from {resume_from} (epoch {state["epoch"] + 1}, batch {state["batch"]}, step {state["step"]})')
+    state = _resume(args, accelerator, ckpts, out, config)
     scheduler.step_update(num_updates=state['step'])
-    if accelerator.is_main_process:
-        if resume_from is None:
-            atomic_write_json(out / 'run_config.json', config)
-        # metrics of epochs after the checkpoint would be repeated: drop them
-        kept = [r for r in _read_metrics(metrics_path) if r['epoch'] <= state['epoch']]
-        atomic_write_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in kept))
     if args.log_with:
         accelerator.init_trackers(out.name, config={k: v for k, v in config['args'].items() if isinstance(v, (int, float, str, bool))})
 
+    # 7. The loop: train an epoch, then 8. validate, append its metrics row, checkpoint
     progress = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), disable=args.no_progress or not accelerator.is_local_main_process)
     task = progress.add_task('', total=len(train_loader))
-    val = {}
-
-    # 7. The loop
     with progress:
         for epoch in range(state['epoch'], args.epochs):
-            model.train()
-            train_loader.set_epoch(epoch)
-            train_loader.dataset.set_epoch(epoch)  # augmentation seeds (seed, epoch, index)
-            # after a kill mid-epoch: exactly the batches that were left, in the same order
-            loader = skip_first_batches(train_loader, state['batch']) if state['batch'] else train_loader
-            progress.reset(task, total=len(train_loader), completed=state['batch'])
-            sums = torch.tensor(state['sums'], dtype=torch.float64)  # loss, ce, correct, samples
-            t0 = time.perf_counter()
-            for batch_idx, (x, y) in enumerate(loader, start=state['batch']):
-                with accelerator.accumulate(model):
-                    beta_now = beta_at(beta, state['step'], beta_warmup_updates, args.beta_schedule)
-                    if has_kl:
-                        logits, kl = model(x, return_kl=True)
-                        info = information_loss(kl, args.kl_reduction)
-                    else:
-                        logits, kl, info = model(x), None, torch.zeros((), device=x.device)
-                    ce = F.cross_entropy(logits.float(), y)
-                    loss = ce + beta_now * info
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                n = x.shape[0]
-                sums += torch.tensor([loss.item() * n, ce.item() * n, (logits.argmax(-1) == y).sum().item(), n],
-                                     dtype=torch.float64)
-                state['batch'] = batch_idx + 1
-                state['samples'] += n * accelerator.num_processes
-                if accelerator.sync_gradients:
-                    state['step'] += 1
-                    scheduler.step_update(num_updates=state['step'])
-                    if state['step'] % args.log_interval == 0 or state['batch'] == len(train_loader):
-                        nats = kl.detach().sum(dim=(1, 2, 3)).mean().item() if kl is not None else float('nan')
-                        progress.update(task, description=(
-                            f'epoch {epoch + 1}/{args.epochs} loss {sums[0] / sums[3]:.3f} '
-                            f'acc {100 * sums[2] / sums[3]:.1f}% nats/img {nats:.1f}'))
-                    if args.checkpoint_every and state['step'] % args.checkpoint_every == 0 \
-                            and state['batch'] < len(train_loader):
-                        state['train_seconds'] += time.perf_counter() - t0
-                        state['sums'] = accelerator.reduce(sums.to(accelerator.device), 'sum').tolist()
-                        ckpts.save(state)
-                        t0 = time.perf_counter()
-                    if args.kill_at_step is not None and state['step'] == args.kill_at_step:
-                        os.kill(os.getpid(), signal.SIGKILL)  # tests: a real kill, at any point after a checkpoint
-                progress.update(task, completed=state['batch'])
-            state['train_seconds'] += time.perf_counter() - t0
-
-            # 8. End of epoch: gather train metrics, validate, log, checkpoint
-            loss_sum, ce_sum, correct, count = accelerator.reduce(sums.to(accelerator.device), 'sum').tolist()
+            train_sums = train_one_epoch(args, epoch, model, optimizer, scheduler, train_loader, accelerator, ckpts,
+                                         state, beta, beta_warmup_updates, has_kl, progress, task)
             beta_epoch = beta_at(beta, max(state['step'] - 1, 0), beta_warmup_updates, args.beta_schedule)
-            val = evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction, stochastic=args.eval_z == 'sample')
-            row = {'epoch': epoch + 1, 'step': state['step'], 'lr': optimizer.param_groups[0]['lr'], 'beta': beta_epoch,
-                   'train_loss': loss_sum / count, 'train_ce': ce_sum / count, 'train_top1': 100 * correct / count, **val}
-            every = args.stochastic_eval_every
-            if args.stochastic_eval and has_kl and attn_mode == 'vib' and (
-                    epoch + 1 == args.epochs or (every and (epoch + 1) % every == 0)):
-                se = stochastic_evaluate(model, val_loader, accelerator, beta_epoch, args.kl_reduction, args.stochastic_eval)
-                row.update({f'stochastic_{k}': v for k, v in se.items()})
+            row = _epoch_row(args, epoch, model, optimizer, val_loader, accelerator, state, train_sums, beta_epoch,
+                             attn_mode)
             if accelerator.is_main_process:
-                _append_metrics(metrics_path, row)
+                append_metrics(out / METRICS, row)
             accelerator.print(
                 f'epoch {epoch + 1}: train loss {row["train_loss"]:.4f} | val loss {row["val_loss"]:.4f} top-1 '
                 f'{row["val_top1"]:.2f}% top-5 {row["val_top5"]:.2f}% | nats/img {row["nats_per_image"]} | '
@@ -556,103 +656,18 @@ def train(args: argparse.Namespace) -> Path:
     accelerator.wait_for_everyone()
     net = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        if not val:  # resumed after the last epoch had already been saved
-            val = {k: v for k, v in _read_metrics(metrics_path)[-1].items()}
         save_model(net, out, model_args=model_args, data_config=spec.data_config(), architecture=arch)
-        last = _read_metrics(metrics_path)[-1]
-        se = {k[len('stochastic_'):]: v for k, v in last.items() if k.startswith('stochastic_')} or None
-        pe = getattr(net, 'patch_embed', None)
-        blocks = getattr(net, 'blocks', [])
-        summary = {
-            'model': args.model, 'architecture': arch, 'beta': beta, 'attn_mode': attn_mode,
-            'kl_reduction': args.kl_reduction, 'beta_schedule': args.beta_schedule,
-            'eval_z': args.eval_z if attn_mode == 'vib' else None,
-            'beta_warmup_epochs': args.beta_warmup_epochs, 'dataset': spec.name, 'num_classes': spec.num_classes,
-            'img_size': img_size, 'patch_size': int(pe.patch_size[0]) if pe is not None else None,
-            'depth': len(blocks), 'num_heads': getattr(net, 'blocks', [None])[0].attn.num_heads
-            if blocks and hasattr(blocks[0], 'attn') else (getattr(blocks[0], 'num_heads', None) if blocks else None),
-            'vib_dim': getattr(net, 'vib_dim', None), 'vib_hidden': getattr(net, 'vib_hidden', None),
-            'epochs': args.epochs, 'steps': state['step'],
-            'val_top1': last['val_top1'], 'val_top5': last['val_top5'], 'val_loss': last['val_loss'],
-            'nats_per_image': last['nats_per_image'], 'nats_per_patch': last['nats_per_patch'],
-            'head_kl': last['head_kl'], 'active_heads': last['active_heads'],
-            'num_active_heads': None if last['active_heads'] is None else len(last['active_heads']),
-            'stochastic_eval': se, 'train_seconds': state['train_seconds'],
-            'train_samples_per_second': state['samples'] / state['train_seconds'] if state['train_seconds'] else None,
-            'world_size': accelerator.num_processes, 'seed': args.seed,
-        }
-        atomic_write_json(out / 'summary.json', summary)
+        last = read_metrics(out / METRICS)[-1]
+        atomic_write_json(out / SUMMARY, _summary(args, net, accelerator, spec, arch, beta, attn_mode, img_size, state, last))
     accelerator.wait_for_everyone()
     if args.log_with:
         accelerator.end_training()
     return out
 
 
-# --- sweep --------------------------------------------------------------------------------------
-
-def sweep_model_name(beta: float) -> Tuple[str, Optional[float]]:
-    """beta -> (registered name, beta override): 0.01 -> ('vit_tiny_vib_b0p01', None); 2 -> ('vit_tiny_vib', 2.0)."""
-    import timm
-    name = name_for_beta(beta)
-    return (name, None) if timm.is_model(name) else ('vit_tiny_vib', beta)
-
-
-def run_sweep(args: argparse.Namespace) -> List[Path]:
-    """Train the spectrum one run after another under ``args.output`` (one sub-folder per model:
-    vit_tiny_noattn, the betas, vit_tiny_gap), skipping finished runs and resuming unfinished ones;
-    writes ``sweep.json`` and ``sweep.md``: accuracy vs information for all runs. Returns the run folders."""
-    betas = [float(b) for b in str(args.betas).split(',') if b.strip()]
-    if not betas:
-        raise ValueError('--betas names no beta')
-    root = Path(args.output or 'runs/sweep')
-    plan: List[Tuple[str, str, Optional[float]]] = []
-    if not args.no_ends:
-        plan.append(('vit_tiny_noattn', 'vit_tiny_noattn', None))
-    for b in betas:
-        name, override = sweep_model_name(b)
-        plan.append((name if override is None else f'vit_tiny_vib_beta{b:g}', name, override))
-    if not args.no_ends:
-        plan.append(('vit_tiny_gap', 'vit_tiny_gap', None))
-    runs = []
-    for folder, name, override in plan:
-        a = copy.copy(args)
-        a.model, a.beta, a.output, a.resume = name, override, str(root / folder), 'latest'
-        check_args(a)
-    for folder, name, override in plan:
-        a = copy.copy(args)
-        a.model, a.beta, a.output, a.resume = name, override, str(root / folder), 'latest'
-        runs.append(train(a))
-    rows = [json.loads((r / 'summary.json').read_text()) for r in runs if (r / 'summary.json').is_file()]
-    table = [{'run': r.name, 'model': s['model'], 'beta': s['beta'], 'attn_mode': s['attn_mode'], 'val_top1': s['val_top1'],
-              'val_top5': s['val_top5'], 'nats_per_image': s['nats_per_image'], 'nats_per_patch': s['nats_per_patch'],
-              'num_active_heads': s['num_active_heads'], 'steps': s['steps'],
-              'train_samples_per_second': s['train_samples_per_second']} for r, s in zip(runs, rows)]
-    if _is_main():
-        atomic_write_json(root / 'sweep.json', table)
-        fmt = lambda v, f: '-' if v is None else format(v, f)  # noqa: E731
-        lines = ['| run | beta | val top-1 (%) | val top-5 (%) | nats / image | nats / patch | active heads |',
-                 '|---|---|---|---|---|---|---|']
-        lines += [f'| {t["run"]} | {t["beta"]:g} | {t["val_top1"]:.2f} | {t["val_top5"]:.2f} | '
-                  f'{fmt(t["nats_per_image"], ".2f")} | {fmt(t["nats_per_patch"], ".4f")} | {fmt(t["num_active_heads"], "d")} |'
-                  for t in table]
-        atomic_write_text(root / 'sweep.md', '\n'.join(lines) + '\n')
-        print('\n'.join(lines))
-    return runs
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-    return PartialState().is_main_process
-
-
 # --- console ------------------------------------------------------------------------------------
 
 def register_cli(sub) -> None:
-    """Add ``train`` and ``sweep`` to the ``timm-vib`` sub-command parser ``sub``."""
-    from .cli import command
+    """Add ``train`` to the ``timm-vib`` sub-command parser ``sub``."""
     t = add_train_args(sub.add_parser('train', help='train one model with Accelerate'))
     t.set_defaults(func=command(train))
-    s = add_train_args(sub.add_parser('sweep', help='train the beta spectrum (plus the noattn and gap ends)'))
-    s.add_argument('--betas', default='0,0.01,0.1,1,4,10', help='comma-separated betas')
-    s.add_argument('--no-ends', action='store_true', help='without vit_tiny_noattn and vit_tiny_gap')
-    s.set_defaults(func=command(run_sweep))
