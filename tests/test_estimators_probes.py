@@ -35,7 +35,7 @@ def test_repetition_probe_matches_manual_augmentation():
     x = torch.randn(3, 3, 32, 32)
     p = torch.tensor([2, 7, 9])
     lh = [(1, 0), (0, 2)]
-    shifts = repetition_probe(m, x, p, lh, n_copies=(0, 4, 15), seed=3)
+    shifts = repetition_probe(m, x, p, lh, n_copies=(0, 4, 15), seed=3).shift
     assert shifts.shape == (3, 3, 2, 4)
     assert torch.all(shifts[:, 0] == 0)  # no copies, no shift
     gen = torch.Generator().manual_seed(3)
@@ -48,8 +48,8 @@ def test_repetition_probe_matches_manual_augmentation():
                 expected = rec.mu[torch.arange(3), layer, head, p] - mu0[torch.arange(3), layer, head, p]
                 torch.testing.assert_close(shifts[:, j, k], expected)
     assert shifts[:, 2].abs().sum() > 0
-    assert torch.equal(repetition_probe(m, x, p, lh, (0, 4, 15), seed=3), shifts)  # reproducible
-    assert not torch.equal(repetition_probe(m, x, p, lh, (0, 4, 15), seed=4), shifts)
+    assert torch.equal(repetition_probe(m, x, p, lh, (0, 4, 15), seed=3).shift, shifts)  # reproducible
+    assert not torch.equal(repetition_probe(m, x, p, lh, (0, 4, 15), seed=4).shift, shifts)
 
 
 def test_repetition_probe_bad_input():

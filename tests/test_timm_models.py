@@ -14,10 +14,12 @@ import subprocess
 import sys
 import tarfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import timm
+import torch
 
 from timm_vib import MODEL_NAMES
 
@@ -65,15 +67,44 @@ def fetch_timm_test_models(version: str = timm.__version__) -> Path:
     return dest
 
 
-@pytest.fixture(scope='module')
-def upstream():
+def _jit_profiling():
+    # (executor, mode): each setter returns the previous value, so read by setting and setting back
+    executor = torch._C._jit_set_profiling_executor(True)
+    torch._C._jit_set_profiling_executor(executor)
+    mode = torch._C._jit_set_profiling_mode(True)
+    torch._C._jit_set_profiling_mode(mode)
+    return executor, mode
+
+
+@contextmanager
+def upstream_module():
+    """timm's test module, imported; its import switches TorchScript's profiling mode off for the whole
+    process, which is given back on exit so that later test modules run with the settings they expect."""
     path = fetch_timm_test_models()
     spec = importlib.util.spec_from_file_location('timm_upstream_test_models', path)
     module = importlib.util.module_from_spec(spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', pytest.PytestUnknownMarkWarning)  # timm's markers live in its pyproject
-        spec.loader.exec_module(module)
-    return module
+    executor, mode = _jit_profiling()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', pytest.PytestUnknownMarkWarning)  # timm's markers live in its pyproject
+            spec.loader.exec_module(module)
+        yield module
+    finally:
+        torch._C._jit_set_profiling_executor(executor)
+        torch._C._jit_set_profiling_mode(mode)
+
+
+@pytest.fixture(scope='module')
+def upstream():
+    with upstream_module() as module:
+        yield module
+
+
+def test_upstream_import_gives_back_the_torchscript_settings():
+    before = _jit_profiling()
+    with upstream_module():
+        assert _jit_profiling() == (True, False)  # what timm's module sets at import
+    assert _jit_profiling() == before
 
 
 def _batch_size(fn) -> int:

@@ -356,7 +356,7 @@ def _copies(grid_cells: int) -> Tuple[int, ...]:
 
 
 def fig_repetition(runs: List[Run], ds, path: Path, n_patches: int = 256, max_heads: int = 4, seed: int = 0) -> str:
-    from .estimators import capture, repetition_probe
+    from .estimators import repetition_probe
     heads = [(r, lh) for r in _restricted(runs)[:2] for lh in sorted(r.active, key=lambda lh: -r.summary['head_kl'][lh[0]][lh[1]])]
     heads = heads[:max_heads]
     if not heads:
@@ -377,10 +377,8 @@ def fig_repetition(runs: List[Run], ds, path: Path, n_patches: int = 256, max_he
     parts = []
     for j, (r, (layer, head)) in enumerate(heads):
         m = r.model()
-        shift = repetition_probe(m, x, patches, [(layer, head)], copies, seed=seed)[:, :, 0]  # [P, copies, r]
-        with torch.no_grad(), capture(m) as rec:
-            m(x)
-            mu0 = rec.mu[torch.arange(n), layer, head, rec.num_prefix_tokens + patches]  # [P, r]
+        probe = repetition_probe(m, x, patches, [(layer, head)], copies, seed=seed)
+        shift, mu0 = probe.shift[:, :, 0], probe.mu0[:, 0]  # [P, copies, r], [P, r]
         dim = int(mu0.var(0).argmax())  # the head's most used latent dimension
         ax = axes[0, j]
         cm = plt.get_cmap('plasma')

@@ -2,7 +2,8 @@
 
 Tensor functions take the KL [B, depth, heads, tokens] in nats of ``model(x, return_kl=True)`` or of
 a :func:`capture` record; dataset functions take a model and a DataLoader and stream over it,
-keeping counts, maxima or a running top-k (never the whole dataset). Run models in eval mode.
+keeping counts, maxima or a running top-k (never the whole dataset). They run the model under
+:func:`eval_mode` (posterior means, no upstream noise) and leave its modes as they found them.
 """
 import math
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..information import gaussian_kl
-from .capture import Record, attention_maps, attention_modules, capture, grid_size, num_prefix_tokens
+from .capture import Record, attention_maps, attention_modules, capture, eval_mode, grid_size, num_prefix_tokens
 
 __all__ = [
     'to_grid', 'kl_map', 'iterate_records', 'survival_function', 'max_kl', 'active_heads', 'active_dims',
@@ -95,10 +96,11 @@ def iterate_records(
         inputs: bool = False,
         device=None,
 ) -> Iterator[Tuple[torch.Tensor, Record]]:
-    """Stream a DataLoader through the model under :func:`capture` without gradients:
-    yields (images, record) per batch; records are only valid until the next batch."""
+    """Stream a DataLoader through the model under :func:`eval_mode` and :func:`capture` without
+    gradients: yields (images, record) per batch; records are only valid until the next batch. The
+    model's modes come back when the loop ends or the generator is closed."""
     device = _device(model, device)
-    with torch.no_grad(), capture(model, attention=attention, inputs=inputs) as rec:
+    with torch.no_grad(), eval_mode(model), capture(model, attention=attention, inputs=inputs) as rec:
         for batch in loader:
             x = _images(batch).to(device)
             model(x)
@@ -139,16 +141,17 @@ def survival_function(
     if thresholds.ndim != 1 or (thresholds.diff() <= 0).any():
         raise ValueError('thresholds must be a 1-D increasing sequence of KL values')
     counts, n = None, 0
-    for _, rec in iterate_records(model, loader, device=device):
-        kl = rec.kl[..., rec.patch_tokens].double()
-        B, D, H, N = kl.shape
-        # bin b = number of thresholds <= kl; P(KL >= x_t) = fraction with bin > t
-        bins = torch.searchsorted(thresholds.to(kl.device), kl.permute(1, 2, 0, 3).reshape(D * H, -1), right=True)
-        offs = torch.arange(D * H, device=kl.device)[:, None] * (len(thresholds) + 1)
-        c = torch.bincount((bins + offs).reshape(-1), minlength=D * H * (len(thresholds) + 1))
-        c = c.reshape(D, H, -1).cpu()
-        counts = c if counts is None else counts + c
-        n += B * N
+    with eval_mode(model):  # modes back on return or error, not only when the generator is collected
+        for _, rec in iterate_records(model, loader, device=device):
+            kl = rec.kl[..., rec.patch_tokens].double()
+            B, D, H, N = kl.shape
+            # bin b = number of thresholds <= kl; P(KL >= x_t) = fraction with bin > t
+            bins = torch.searchsorted(thresholds.to(kl.device), kl.permute(1, 2, 0, 3).reshape(D * H, -1), right=True)
+            offs = torch.arange(D * H, device=kl.device)[:, None] * (len(thresholds) + 1)
+            c = torch.bincount((bins + offs).reshape(-1), minlength=D * H * (len(thresholds) + 1))
+            c = c.reshape(D, H, -1).cpu()
+            counts = c if counts is None else counts + c
+            n += B * N
     if counts is None:
         raise ValueError('the loader yielded no batches')
     surv = counts.flip(-1).cumsum(-1).flip(-1)[..., 1:].double() / n
@@ -159,9 +162,10 @@ def max_kl(model: nn.Module, loader: Iterable, device=None) -> torch.Tensor:
     """Largest KL of each head over all patch tokens of a dataset: [depth, heads] nats."""
     _need_bottleneck(model)
     out = None
-    for _, rec in iterate_records(model, loader, device=device):
-        m = rec.kl[..., rec.patch_tokens].amax((0, 3))
-        out = m if out is None else torch.maximum(out, m)
+    with eval_mode(model):  # modes back on return or error, not only when the generator is collected
+        for _, rec in iterate_records(model, loader, device=device):
+            m = rec.kl[..., rec.patch_tokens].amax((0, 3))
+            out = m if out is None else torch.maximum(out, m)
     if out is None:
         raise ValueError('the loader yielded no batches')
     return out
@@ -177,11 +181,12 @@ def active_dims(model: nn.Module, loader: Iterable, threshold: float = 1e-2, dev
     at least one patch: bool [depth, heads, r]; ``.sum(-1)`` counts the active dims of each head."""
     _need_bottleneck(model, allow_attention_free=False)
     out = None
-    for _, rec in iterate_records(model, loader, device=device):
-        sl = rec.patch_tokens
-        kd = gaussian_kl(rec.mu[..., sl, :, None], rec.logvar[..., sl, :, None])  # per dim: [B, D, H, N, r]
-        m = kd.amax((0, 3))
-        out = m if out is None else torch.maximum(out, m)
+    with eval_mode(model):  # modes back on return or error, not only when the generator is collected
+        for _, rec in iterate_records(model, loader, device=device):
+            sl = rec.patch_tokens
+            kd = gaussian_kl(rec.mu[..., sl, :, None], rec.logvar[..., sl, :, None])  # per dim: [B, D, H, N, r]
+            m = kd.amax((0, 3))
+            out = m if out is None else torch.maximum(out, m)
     if out is None:
         raise ValueError('the loader yielded no batches')
     return out > threshold
@@ -191,11 +196,12 @@ def mean_information(model: nn.Module, loader: Iterable, device=None) -> Tuple[f
     """Dataset means of the information written by attention: (nats per image, nats per patch token)."""
     _need_bottleneck(model)
     total, images, tokens = 0.0, 0, 0
-    for _, rec in iterate_records(model, loader, device=device):
-        kl = rec.kl[..., rec.patch_tokens]
-        total += float(kl.double().sum())
-        images += kl.shape[0]
-        tokens += kl.shape[0] * kl.shape[-1]
+    with eval_mode(model):  # modes back on return or error, not only when the generator is collected
+        for _, rec in iterate_records(model, loader, device=device):
+            kl = rec.kl[..., rec.patch_tokens]
+            total += float(kl.double().sum())
+            images += kl.shape[0]
+            tokens += kl.shape[0] * kl.shape[-1]
     if images == 0:
         raise ValueError('the loader yielded no batches')
     return total / images, total / tokens
@@ -248,25 +254,26 @@ def top_patches(
     P = num_prefix_tokens(model)
     best = None  # (score, image, token, attention rows)
     seen = 0
-    for x, rec in iterate_records(model, loader, inputs=attention, device=device):
-        if by == 'kl':
-            s = rec.kl[:, layer, head, P:]
-        else:
-            s = sign * rec.mu[:, layer, head, P:, dim].float()
-        B, N = s.shape
-        v, i = s.reshape(-1).topk(min(k, B * N))
-        b, t = i // N, i % N
-        rows = None
-        if attention:
-            a = attention_maps(attn_mod, rec.inputs[b, layer])[:, head]  # [k, tokens, tokens]
-            rows = a[torch.arange(len(b)), t + P, P:]
-        cand = (v, b + seen, t, rows)
-        if best is not None:
-            cand = tuple(torch.cat([c0, c1.to(c0.device)]) if c0 is not None else None for c0, c1 in zip(best, cand))
-            v, j = cand[0].topk(min(k, len(cand[0])))
-            cand = tuple(c[j] if c is not None else None for c in cand)
-        best = cand
-        seen += B
+    with eval_mode(model):  # modes back on return or error, not only when the generator is collected
+        for x, rec in iterate_records(model, loader, inputs=attention, device=device):
+            if by == 'kl':
+                s = rec.kl[:, layer, head, P:]
+            else:
+                s = sign * rec.mu[:, layer, head, P:, dim].float()
+            B, N = s.shape
+            v, i = s.reshape(-1).topk(min(k, B * N))
+            b, t = i // N, i % N
+            rows = None
+            if attention:
+                a = attention_maps(attn_mod, rec.inputs[b, layer])[:, head]  # [k, tokens, tokens]
+                rows = a[torch.arange(len(b)), t + P, P:]
+            cand = (v, b + seen, t, rows)
+            if best is not None:
+                cand = tuple(torch.cat([c0, c1.to(c0.device)]) if c0 is not None else None for c0, c1 in zip(best, cand))
+                v, j = cand[0].topk(min(k, len(cand[0])))
+                cand = tuple(c[j] if c is not None else None for c in cand)
+            best = cand
+            seen += B
     if best is None:
         raise ValueError('the loader yielded no batches')
     v, img, tok, rows = best

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..information import gaussian_kl
 from ..vision_transformer_vib import HeadBottleneck
 
-__all__ = ['Record', 'capture', 'attention_modules', 'attention_maps', 'patch_logits', 'grid_size', 'num_prefix_tokens']
+__all__ = ['Record', 'capture', 'eval_mode', 'attention_modules', 'attention_maps', 'patch_logits', 'grid_size', 'num_prefix_tokens']
 
 
 def grid_size(model: nn.Module):
@@ -52,6 +52,30 @@ def patch_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     each token. For average-pooled models without fc_norm (the vit_tiny_* family) their mean over patch
     tokens is the image logit."""
     return model.head(model.fc_norm(tokens))
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` deterministically inside the context: eval mode (no dropout or drop path) and every
+    bottleneck at its posterior mean (``stochastic_eval`` off). Without this a latent read at one layer
+    carries the noise sampled upstream, so differences such as mu_aug - mu_0 mix the two.
+
+    On exit, also after an error, each module gets back its own ``training`` flag (a model partly in
+    train mode stays so) and each :class:`HeadBottleneck` its own sampling flag. Contexts nest.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    sampling = [(b, b.sample_in_eval) for b in model.modules() if isinstance(b, HeadBottleneck)]
+    try:
+        model.eval()
+        for b, _ in sampling:
+            b.sample_in_eval = False
+        yield model
+    finally:
+        model.train(modes[0][1])  # through train(), for modules that override it
+        for m, training in modes:
+            m.training = training  # then each module's own flag, for mixed models
+        for b, sample in sampling:
+            b.sample_in_eval = sample
 
 
 class Record:

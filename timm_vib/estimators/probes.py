@@ -4,15 +4,15 @@ Copy one patch of an image to N other patch-aligned places and measure how far a
 mean at the original patch moves: mu_aug - mu_0. Heads that detect repetition shift further as N
 grows (4, 16, 64 in the paper).
 """
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .activity import _device, _need_bottleneck, check_layer_head
-from .capture import capture, grid_size, num_prefix_tokens
+from .capture import capture, eval_mode, grid_size, num_prefix_tokens
 
-__all__ = ['copy_patch', 'repetition_probe']
+__all__ = ['copy_patch', 'repetition_probe', 'RepetitionProbe']
 
 
 def _patch_size(model: nn.Module) -> Tuple[int, int]:
@@ -52,6 +52,13 @@ def copy_patch(
     return out.reshape(P, gh, gw, C, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(P, C, Hh, Ww)
 
 
+class RepetitionProbe(NamedTuple):
+    """Result of :func:`repetition_probe` (latent units): ``shift`` [P, len(n_copies), pairs, r] is
+    mu_aug - mu_0; ``mu0`` [P, pairs, r] is mu_0, the latent mean at the patch in the original image."""
+    shift: torch.Tensor
+    mu0: torch.Tensor
+
+
 def repetition_probe(
         model: nn.Module,
         images: torch.Tensor,
@@ -61,7 +68,7 @@ def repetition_probe(
         seed: int = 0,
         batch_size: int = 64,
         device=None,
-) -> torch.Tensor:
+) -> RepetitionProbe:
     """Shift of the latent mean at a copied patch: mu_aug - mu_0 for chosen heads.
 
     Args:
@@ -72,8 +79,9 @@ def repetition_probe(
         seed: copy locations are drawn from this seed (same seed, same locations).
 
     Returns:
-        [P, len(n_copies), len(layer_heads), r] shifts in latent units (run the model in eval mode,
-        so mu is deterministic).
+        :class:`RepetitionProbe` (shift [P, len(n_copies), len(layer_heads), r], mu0 [P, len(layer_heads), r])
+        in latent units. The model runs under :func:`eval_mode` whatever its mode: mu is then a
+        deterministic function of the image, so the shift holds no noise sampled in earlier layers.
     """
     _need_bottleneck(model, allow_attention_free=False)
     if images.ndim != 4:
@@ -103,10 +111,11 @@ def repetition_probe(
         model(x.to(device))
         return rec.mu[torch.arange(len(x))[:, None], layers[None], heads[None], t[:, None]].cpu()
 
-    out = []
-    with torch.no_grad(), capture(model) as rec:
+    shifts, mu0s = [], []
+    with torch.no_grad(), eval_mode(model), capture(model) as rec:
         for s in range(0, len(images), batch_size):
             x, p, t = images[s:s + batch_size], patches[s:s + batch_size], tok[s:s + batch_size]
             mu0 = read(x, t)
-            out.append(torch.stack([read(copy_patch(x, p, n, ps, gen), t) - mu0 for n in n_copies], 1))
-    return torch.cat(out)
+            shifts.append(torch.stack([read(copy_patch(x, p, n, ps, gen), t) - mu0 for n in n_copies], 1))
+            mu0s.append(mu0)
+    return RepetitionProbe(torch.cat(shifts), torch.cat(mu0s))

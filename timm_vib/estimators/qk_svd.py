@@ -19,7 +19,8 @@ layer instead (large heads dominate).
 Maps (``qk_maps``, ``optimal_attention_images``) project the block's norm1 output, the tokens the
 attention sees; the authors project the pre-norm residual stream. With ``fold_norm_scale`` the gain
 g is already in the modes, so the maps project the normalised tokens before the gain and bias,
-(norm1(x) - b) / g, the tensor that the folded M pairs with.
+(norm1(x) - b) / g, the tensor that the folded M pairs with. Both run the model under
+:func:`~timm_vib.estimators.capture.eval_mode`: the tokens of a later block carry no sampled noise.
 """
 from dataclasses import dataclass
 from typing import Iterable, Tuple
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .activity import _device, _images
-from .capture import attention_modules, capture, grid_size, num_prefix_tokens
+from .capture import attention_modules, capture, eval_mode, grid_size, num_prefix_tokens
 
 __all__ = ['QKSVD', 'qk_svd', 'qk_maps', 'optimal_attention_images']
 
@@ -156,7 +157,7 @@ def qk_maps(
     ``fold_norm_scale`` the tokens before norm1's gain and bias (see the module docstring)."""
     svd = qk_svd(model) if svd is None else svd
     _check_mode(svd, layer, head, mode)
-    with torch.no_grad(), capture(model, inputs=True) as rec:
+    with torch.no_grad(), eval_mode(model), capture(model, inputs=True) as rec:
         model(images.to(_device(model, None)))
         x = _map_tokens(model, svd, layer, rec.inputs[:, layer, num_prefix_tokens(model):].float())
     gh, gw = grid_size(model)
@@ -186,7 +187,7 @@ def optimal_attention_images(
     u, v = svd.u[layer, head, :, mode].to(device), svd.v[layer, head, :, mode].to(device)
     best = {'+': None, '-': None}
     seen = 0
-    with torch.no_grad(), capture(model, inputs=True) as rec:
+    with torch.no_grad(), eval_mode(model), capture(model, inputs=True) as rec:
         for batch in loader:
             x = _images(batch).to(device)
             model(x)

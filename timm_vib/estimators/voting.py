@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .activity import _device, _images
-from .capture import capture
+from .capture import capture, eval_mode
 
 __all__ = [
     'patch_votes', 'vote_fractions', 'inverse_simpson', 'logit_range', 'js_divergence', 'js_distance',
@@ -89,10 +89,11 @@ def top_fraction(scores: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
 
 def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable, device=None) -> torch.Tensor:
     """Jensen-Shannon divergence in nats between the class probabilities (softmax of image logits) of
-    two models for every image of a dataset, in loader order: [n_images] (sqrt: the distance)."""
+    two models for every image of a dataset, in loader order: [n_images] (sqrt: the distance).
+    Both models run under :func:`eval_mode` (posterior means)."""
     device = _device(model_a, device)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model_a), eval_mode(model_b):
         for batch in loader:
             x = _images(batch).to(device)
             out.append(js_divergence(model_a(x).softmax(-1), model_b(x.to(_device(model_b, None))).softmax(-1).to(device)).cpu())
@@ -102,10 +103,11 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable, dev
 
 
 def patch_voting(model: nn.Module, loader: Iterable, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per image of a dataset (loader order): (inverse Simpson index of patch votes [n], logit range [n])."""
+    """Per image of a dataset (loader order): (inverse Simpson index of patch votes [n], logit range [n]),
+    the model under :func:`eval_mode`."""
     device = _device(model, device)
     simpson, ranges = [], []
-    with torch.no_grad(), capture(model) as rec:
+    with torch.no_grad(), eval_mode(model), capture(model) as rec:
         for batch in loader:
             model(_images(batch).to(device))
             logits = rec.logits[:, rec.patch_tokens]
