@@ -6,9 +6,38 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-__all__ = ['atomic_write', 'atomic_write_json', 'atomic_write_text']
+__all__ = ['atomic_write', 'atomic_write_json', 'atomic_write_text', 'umask_mode', 'apply_umask']
 
 PathLike = Union[str, os.PathLike]
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` give a new file (0o666) or folder (0o777) under the user's umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def apply_umask(path: PathLike) -> None:
+    """Give ``path`` (and everything under it, for a folder) the mode of an ordinary new file or folder.
+
+    ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 / 0700 whatever the umask; a file renamed into
+    place from one must not stay private when the user's other files are not.
+    """
+    path = Path(path)
+    file_mode, dir_mode = umask_mode(), umask_mode(directory=True)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, dir_mode)
+            for name in files:
+                os.chmod(os.path.join(root, name), file_mode)
+    else:
+        os.chmod(path, file_mode)
 
 
 @contextlib.contextmanager
@@ -21,6 +50,7 @@ def atomic_write(path: PathLike, mode: str = 'w', **open_kwargs: Any) -> Iterato
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
+        os.chmod(tmp, umask_mode())  # mkstemp's 0600, not the umask
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()

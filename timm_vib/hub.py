@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, copy_model, read_config
 from .errors import command
+from .files import apply_umask
 from .figures import plot_accuracy_vs_information
 from .runs import RUN_FILES, find_runs, read_json as _read_json
 from .vision_transformer_vib import name_for_beta
@@ -137,21 +138,51 @@ def build_card(run_dir: PathLike, repo_id: str, figure: Optional[str] = None) ->
     )
 
 
-def export(run_dir: PathLike, folder: PathLike, repo_id: Optional[str] = None) -> Path:
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, 'README.md', FIGURE_NAME) + RUN_FILES  # all that export writes
+STAGING_PREFIX = '.timm-vib-export-'
+
+
+def _check_destination(run_dir: Path, folder: Path, overwrite: bool) -> None:
+    """Export writes only its own files: refuse a folder it could not update without losing something."""
+    run, dest = run_dir.resolve(), folder.resolve()
+    if dest == run or dest in run.parents:
+        raise ValueError(f'the Hub folder {folder} is the run folder {run_dir} or one of its parents: choose a '
+                         'new folder (e.g. RUN_DIR/hub)')
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f'{folder} exists and is not a folder: choose another Hub folder')
+    if not folder.is_dir() or overwrite:
+        return
+    found = {p.name for p in folder.iterdir() if not p.name.startswith(STAGING_PREFIX)}
+    if not found:
+        return  # empty (or only the leftovers of an interrupted export)
+    same = all((folder / n).is_file() and (folder / n).read_bytes() == (run_dir / n).read_bytes()
+               for n in RUN_FILES if (run_dir / n).is_file())
+    if not (found <= set(EXPORT_FILES) and same):
+        raise ValueError(f'{folder} exists and is not an earlier export of {run_dir}: choose a new folder, or pass '
+                         '--overwrite to replace the files export writes there (other files are left alone)')
+
+
+def export(run_dir: PathLike, folder: PathLike, repo_id: Optional[str] = None, overwrite: bool = False) -> Path:
     """Write the Hub folder of a finished run: model.safetensors, config.json (timm's format),
     README.md (the card), metrics.jsonl, run_config.json, summary.json, and the
     accuracy-vs-information figure when the run sits in a sweep folder beside other runs.
 
-    The folder is assembled in a temporary sibling and renamed into place, so an interruption
-    never leaves a half-written Hub folder. Returns the folder.
+    ``folder`` must be new, empty, or an earlier export of this run; ``overwrite`` lets export replace
+    its own files in any other folder. Export never deletes a file it does not write. The weights are
+    loaded into the recorded architecture before anything is written (a corrupt file is not published).
+    The files are assembled in a hidden staging folder inside ``folder`` and each is renamed into place,
+    so an interruption never leaves a half-written file. Returns the folder.
     """
+    from .checkpoints import load_model
     run_dir, folder = Path(run_dir), Path(folder)
     summary = _check_run(run_dir)
     repo_id = repo_id or f"{os.environ.get('TIMM_VIB_HUB_NAMESPACE', 'timm-vib')}/{summary.get('model', read_config(run_dir)['architecture'])}"
-    if folder.resolve() == run_dir.resolve():
-        raise ValueError('the Hub folder must differ from the run folder')
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{folder.name}.', dir=folder.parent))
+    _check_destination(run_dir, folder, overwrite)
+    load_model(run_dir)  # the weights load into the recorded architecture, or a clear error before any write
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f'{STAGING_PREFIX}*'):  # left by an export that was killed
+        shutil.rmtree(old, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     try:
         copy_model(run_dir, staging)
         for name in RUN_FILES:
@@ -165,17 +196,16 @@ def export(run_dir: PathLike, folder: PathLike, repo_id: Optional[str] = None) -
                 title=f'{run_dir.parent.name}: accuracy vs information')
             figure = FIGURE_NAME
         build_card(run_dir, repo_id, figure=figure).save(staging / 'README.md')
-        if folder.exists():
-            old = folder.with_name(f'.{folder.name}.old')
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
-    except BaseException:
+        written = {p.name for p in staging.iterdir()}
+        # the weights last: until then an earlier export's files still describe its weights
+        for name in sorted(written, key=lambda n: n == WEIGHTS_NAME):
+            apply_umask(staging / name)
+            os.replace(staging / name, folder / name)
+        for name in set(EXPORT_FILES) - written:  # e.g. the figure of a sweep this run no longer sits in
+            if (folder / name).is_file():
+                (folder / name).unlink()
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 
@@ -204,6 +234,7 @@ def push(
         private: bool = False,
         token: Optional[str] = None,
         commit_message: Optional[str] = None,
+        overwrite: bool = False,
 ) -> str:
     """Export ``run_dir`` and upload it to ``repo_id`` (create_repo + upload_folder).
 
@@ -214,7 +245,7 @@ def push(
         raise ValueError(f'repo_id must look like ORG/NAME, got {repo_id!r}')
     if not dry_run:
         check_hub_reachable()  # before any work: offline must fail fast
-    out = export(run_dir, Path(folder) if folder else Path(run_dir) / 'hub', repo_id=repo_id)
+    out = export(run_dir, Path(folder) if folder else Path(run_dir) / 'hub', repo_id=repo_id, overwrite=overwrite)
     if dry_run:
         return str(out)
     from huggingface_hub import HfApi
@@ -262,6 +293,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument('run_dir', type=Path)
     p.add_argument('folder', type=Path)
     p.add_argument('--repo-id', default=None, help='repo the card refers to (default NAMESPACE/<model>)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='write into a folder that is not an earlier export of this run (only export\'s own files are replaced)')
     p.set_defaults(func=command(_cmd_export))
 
     p = sub.add_parser('push', help='upload a run (or every run of a sweep folder) to the Hugging Face Hub')
@@ -272,22 +305,25 @@ def add_commands(sub: Any) -> None:
     p.add_argument('--folder', type=Path, default=None, help='where to write the Hub folder(s)')
     p.add_argument('--private', action='store_true')
     p.add_argument('--dry-run', action='store_true', help='only write the Hub folder(s), upload nothing')
+    p.add_argument('--overwrite', action='store_true',
+                   help='write into folders that are not earlier exports of these runs (only export\'s own files are replaced)')
     p.set_defaults(func=command(_cmd_push, errors=(HubUnreachableError,)))
 
 
 def _cmd_export(args: Any) -> None:
-    print(export(args.run_dir, args.folder, repo_id=args.repo_id))
+    print(export(args.run_dir, args.folder, repo_id=args.repo_id, overwrite=args.overwrite))
 
 
 def _cmd_push(args: Any) -> None:
     if (Path(args.run_dir) / 'summary.json').is_file():
         if not args.repo_id:
             raise ValueError('--repo-id ORG/NAME is required to push one run')
-        out = [push(args.run_dir, args.repo_id, folder=args.folder, dry_run=args.dry_run, private=args.private)]
+        out = [push(args.run_dir, args.repo_id, folder=args.folder, dry_run=args.dry_run, private=args.private,
+                    overwrite=args.overwrite)]
     else:
         namespace = args.namespace or (args.repo_id.split('/')[0] if args.repo_id else None)
         if not namespace:
             raise ValueError('--namespace ORG is required to push a sweep folder')
         out = push_sweep(args.run_dir, namespace, suffix=args.suffix, folder=args.folder,
-                         dry_run=args.dry_run, private=args.private)
+                         dry_run=args.dry_run, private=args.private, overwrite=args.overwrite)
     print('\n'.join(out))
