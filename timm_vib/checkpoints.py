@@ -3,22 +3,32 @@
 A folder written by :func:`save_model` loads with ``timm.create_model("local-dir:FOLDER")`` (after
 ``import timm_vib``) or :func:`load_model`, and is what a Hub repo of a timm model holds.
 """
+import glob
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from timm.models import create_model, is_model
 from timm.models._hub import save_for_hf
 
-__all__ = ['save_model', 'load_model', 'read_config', 'copy_model', 'WEIGHTS_NAME', 'CONFIG_NAME']
+from .files import apply_umask, atomic_write_json
+
+__all__ = ['save_model', 'load_model', 'read_config', 'copy_model', 'WEIGHTS_NAME', 'CONFIG_NAME', 'MANIFEST_NAME',
+           'write_manifest', 'verify_checkpoint', 'remove_temporaries']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
+MANIFEST_NAME = 'manifest.json'
+TRAIN_STATE_NAME = 'train_state.json'
+# what an interrupted write leaves: save_model's staging folders, atomic_write's and copy_model's
+# temporary files, Checkpoints' half-written and set-aside checkpoints
+TEMPORARIES = ('.save-*', '.*.tmp', 'checkpoints/.tmp-ckpt-*', 'checkpoints/.old-ckpt-*')
 
 
 def save_model(
@@ -55,6 +65,7 @@ def save_model(
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             with open(Path(tmp) / name, 'rb+') as f:
                 os.fsync(f.fileno())
+            apply_umask(Path(tmp) / name)  # safetensors writes 0600
             os.replace(Path(tmp) / name, folder / name)
     return folder
 
@@ -123,3 +134,81 @@ def copy_model(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> Pa
         shutil.copyfile(Path(src) / name, dst / f'.{name}.tmp')
         os.replace(dst / f'.{name}.tmp', dst / name)
     return dst
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Union[str, os.PathLike]) -> Path:
+    """Record size and SHA-256 of every file of a checkpoint folder in ``manifest.json``.
+
+    Written last, so a checkpoint with a manifest is complete, and any later damage (truncation,
+    a disk error) shows up in :func:`verify_checkpoint`."""
+    folder = Path(folder)
+    files = {p.name: {'bytes': p.stat().st_size, 'sha256': _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    atomic_write_json(folder / MANIFEST_NAME, {'files': files})
+    return folder / MANIFEST_NAME
+
+
+def verify_checkpoint(folder: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Check a checkpoint folder before it is used; returns its ``train_state.json``.
+
+    Every file listed in the manifest must be present with its size and checksum; without a manifest
+    (checkpoints of timm_vib <= 0.2) the train state must parse and the weights' header must read.
+    Raises ValueError naming the damaged or missing file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f'checkpoint {folder} does not exist')
+    manifest = folder / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())['files']
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f'{manifest} is corrupt ({e})') from None
+        for name, want in files.items():
+            path = folder / name
+            if not path.is_file():
+                raise ValueError(f'{path} is missing (listed in {MANIFEST_NAME})')
+            if path.stat().st_size != want['bytes']:
+                raise ValueError(f'{path} is damaged: {path.stat().st_size} bytes, {want["bytes"]} written (truncated?)')
+            if _sha256(path) != want['sha256']:
+                raise ValueError(f'{path} is damaged: its checksum differs from the one written in {MANIFEST_NAME}')
+    else:
+        for path in folder.glob('*.safetensors'):
+            try:
+                with safe_open(str(path), 'pt') as f:
+                    f.keys()
+            except SafetensorError as e:
+                raise ValueError(f'{path} is corrupt ({e})') from None
+    path = folder / TRAIN_STATE_NAME
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f'{path} is missing') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path} is corrupt (not valid JSON: {e})') from None
+    missing = {'epoch', 'batch', 'step'} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ValueError(f'{path} is not a train state (no {", ".join(sorted(missing))})')
+    return state
+
+
+def remove_temporaries(run_dir: Union[str, os.PathLike]) -> List[Path]:
+    """Delete what interrupted writes left in a run folder (staging folders, ``.*.tmp`` files,
+    half-written checkpoints); returns what was removed. Call it only while no write is under way."""
+    removed = []
+    for pattern in TEMPORARIES:
+        for name in glob.glob(os.path.join(glob.escape(str(run_dir)), pattern)):
+            p = Path(name)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

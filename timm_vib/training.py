@@ -15,6 +15,7 @@ import platform
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 
 from .errors import command
 from .files import atomic_write_json
+from .checkpoints import remove_temporaries, write_manifest
+from .files import apply_umask, atomic_write_json, atomic_write_text
 from .information import KL_REDUCTIONS, information_loss, information_per_sample
 from .runs import METRICS, RUN_CONFIG, SUMMARY, append_metrics, read_metrics, truncate_metrics
 
@@ -312,8 +315,22 @@ class Checkpoints:
         return sorted(p for p in self.folder.glob('ckpt-*') if (p / 'train_state.json').is_file())
 
     def latest(self) -> Optional[Path]:
-        found = self.list()
-        return found[-1] if found else None
+        """The newest intact checkpoint (see ``verify_checkpoint``); damaged newer ones are skipped with
+        a warning naming them. None if there is none; ValueError naming the damage if none is intact."""
+        from .checkpoints import verify_checkpoint
+        skipped = []
+        for path in reversed(self.list()):
+            try:
+                verify_checkpoint(path)
+            except ValueError as e:
+                skipped.append(str(e))
+                continue
+            if skipped:
+                warnings.warn('skipped damaged checkpoint(s): ' + '; '.join(skipped) + f'; resuming from {path}')
+            return path
+        if skipped:
+            raise ValueError('no intact checkpoint in ' + f'{self.folder}: ' + '; '.join(skipped))
+        return None
 
     def save(self, state: Dict[str, Any]) -> Path:
         acc = self.accelerator
@@ -327,6 +344,8 @@ class Checkpoints:
         acc.wait_for_everyone()
         if acc.is_main_process:
             atomic_write_json(tmp / 'train_state.json', state)
+            apply_umask(tmp)  # Accelerate writes the weights 0600
+            write_manifest(tmp)  # last: a checkpoint with a manifest is complete
             if final.exists():  # same position saved again: move the old one aside first
                 old = self.folder / f'.old-{name}'
                 shutil.rmtree(old, ignore_errors=True)
@@ -340,8 +359,15 @@ class Checkpoints:
         return final
 
     def load(self, path: Path) -> Dict[str, Any]:
-        self.accelerator.load_state(str(path))
-        return json.loads((Path(path) / 'train_state.json').read_text())
+        """Restore the Accelerate states of checkpoint ``path``; returns its train state. The checkpoint
+        is verified first: a damaged one is a ValueError naming the file, not a traceback from torch."""
+        from .checkpoints import verify_checkpoint
+        state = verify_checkpoint(path)
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as e:  # e.g. a checkpoint of another model: name it
+            raise ValueError(f'cannot restore checkpoint {path}: {type(e).__name__}: {str(e).strip()[:500]}') from None
+        return state
 
 
 # --- run files ----------------------------------------------------------------------------------
@@ -590,12 +616,16 @@ def train(args: argparse.Namespace) -> Path:
 
     # 1. Check everything we can before starting anything
     args, out, img_size = _resolve(args)
-    if (out / SUMMARY).is_file():
-        return out  # finished, and --resume asked for it
+    if (out / SUMMARY).is_file():  # finished, and --resume asked for it
+        if int(os.environ.get('RANK', '0')) == 0:
+            remove_temporaries(out)  # what a kill during the final writes left
+        return out
 
     # 2. Accelerator: device, processes, mixed precision, seedable sampler
     accelerator = _accelerator(args, out)
     set_seed(args.seed)
+    if accelerator.is_main_process:
+        remove_temporaries(out)  # what a kill during an earlier write left
 
     # 3. Data and model
     train_loader, val_loader, spec = create_loaders(
@@ -659,6 +689,7 @@ def train(args: argparse.Namespace) -> Path:
         save_model(net, out, model_args=model_args, data_config=spec.data_config(), architecture=arch)
         last = read_metrics(out / METRICS)[-1]
         atomic_write_json(out / SUMMARY, _summary(args, net, accelerator, spec, arch, beta, attn_mode, img_size, state, last))
+        remove_temporaries(out)
     accelerator.wait_for_everyone()
     if args.log_with:
         accelerator.end_training()
