@@ -5,14 +5,17 @@ One tiny finished run (2 epochs, several checkpoints) is trained once and copied
 import os
 import shutil
 import stat
-import warnings
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 
-from timm_vib import training
+from timm_vib import information_loss, information_per_sample, training
 from timm_vib.checkpoints import MANIFEST_NAME, verify_checkpoint
 from timm_vib.files import atomic_write_text
 from timm_vib.hub import export
@@ -181,3 +184,81 @@ def test_checkpoints_carry_a_manifest_written_last(run):
         assert MANIFEST_NAME in files
         written = (ckpt / MANIFEST_NAME).stat().st_mtime_ns
         assert all(p.stat().st_mtime_ns <= written for p in ckpt.iterdir())
+
+
+# --- 8, 9, 10, 12: the model side -------------------------------------------------------------------
+
+@pytest.mark.parametrize('kwargs', [dict(img_size=28), dict(img_size=18, patch_size=4), dict(img_size=(16, 18), patch_size=4)])
+def test_patches_must_tile_the_image(kwargs):
+    with pytest.raises(ValueError, match='not a multiple of patch_size'):
+        timm.create_model('vit_tiny_vib', depth=1, **kwargs)
+    # padded to the patch grid, it is fine: 18 px -> 5 x 5 patches of 4 px
+    m = timm.create_model('vit_tiny_vib', depth=1, img_size=18, patch_size=4, dynamic_img_pad=True,
+                          dynamic_img_size=True)
+    assert m(torch.randn(1, 3, 18, 18), return_kl=True)[1].shape[-1] == 25
+
+
+def test_training_refuses_an_image_the_default_patch_does_not_tile(tmp_path):
+    args = training.parse_args(['--model', 'vit_tiny_vib_b1', '--epochs', '1', '--output', str(tmp_path / 'r'),
+                                '--max-train-samples', '16', '--max-val-samples', '16',
+                                '--model-kwargs', 'depth=1', 'img_size=28'])
+    with pytest.raises(ValueError, match='28x28 is not a multiple of patch_size 16x16'):
+        training.train(args)
+
+
+def test_missing_pretrained_weights_say_where_weights_come_from(tmp_path):
+    code = ('import timm, timm_vib\n'
+            'try:\n'
+            '    timm.create_model("vit_tiny_vib_b4", pretrained=True)\n'
+            'except FileNotFoundError as e:\n'
+            '    print(type(e).__name__, e)\n')
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf'), 'PYTHONPATH': str(ROOT),
+           'OMP_NUM_THREADS': '1'}
+    env.pop('TIMM_VIB_HUB_NAMESPACE', None)
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    msg = out.stdout
+    assert msg.startswith('LocalEntryNotFoundError')  # still what callers of timm catch
+    for needed in ('timm-vib/vit_tiny_vib_b4.in100', 'TIMM_VIB_HUB_NAMESPACE', 'local-dir:', 'timm-vib sweep', 'push'):
+        assert needed in msg, (needed, msg)
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_vib', 'vit_tiny_noattn', 'vit_tiny_gap'])
+@pytest.mark.parametrize('vib_hidden', [64, 0])
+def test_a_batch_of_no_images_gives_an_empty_result(name, vib_hidden):
+    m = timm.create_model(name, depth=2, img_size=16, patch_size=4, num_classes=7, vib_hidden=vib_hidden)
+    x = torch.randn(3, 3, 16, 16)
+    for fold in (True, False):
+        for blk in m.blocks:
+            if hasattr(getattr(blk, 'attn', None), 'fold_projections'):
+                blk.attn.fold_projections = fold
+        for mode in (True, False):
+            m.train(mode)
+            with torch.no_grad():
+                assert m(x[:0]).shape == (0, 7)
+                if name != 'vit_tiny_gap':
+                    logits, kl = m(x[:0], return_kl=True)
+                    assert logits.shape == (0, 7) and kl.shape == (0, 2, 3, 16)
+                    assert m(x, return_kl=True)[1].shape == (3, 2, 3, 16)
+    with pytest.raises(ValueError, match='0 images'):
+        information_loss(torch.zeros(0, 2, 3, 16))
+    assert information_per_sample(torch.zeros(0, 2, 3, 16)).shape == (0,)
+
+
+@pytest.mark.parametrize('bad', [True, '2', [1.0]])
+def test_beta_is_a_number_not_a_flag_or_a_string(bad):
+    with pytest.raises(ValueError, match='beta must be a number'):
+        timm.create_model('vit_tiny_vib', depth=1, img_size=16, patch_size=4, beta=bad)
+    m = timm.create_model('vit_tiny_vib', depth=1, img_size=16, patch_size=4, beta=np.float32(0.5))
+    assert m.beta == 0.5 and isinstance(m.beta, float)
+    with pytest.raises(ValueError, match='beta must be a number'):
+        m.beta = bad
+
+
+def test_corrupt_weights_in_a_local_dir_are_named(run, tmp_path):
+    folder = tmp_path / 'm'
+    folder.mkdir()
+    shutil.copy(run / 'config.json', folder / 'config.json')
+    (folder / 'model.safetensors').write_bytes((run / 'model.safetensors').read_bytes()[:100])
+    with pytest.raises(ValueError, match=f'{folder / "model.safetensors"}.*corrupt'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)

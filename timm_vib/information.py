@@ -62,4 +62,6 @@ def information_loss(kl: torch.Tensor, reduction: Literal['mean', 'sum', 'sqrt']
     Returns:
         Scalar float32 tensor (nats; sqrt-nats for ``'sqrt'``).
     """
+    if kl.ndim == 4 and kl.shape[0] == 0:
+        raise ValueError('kl holds a batch of 0 images: the mean information over it is undefined')
     return information_per_sample(kl, reduction).mean()

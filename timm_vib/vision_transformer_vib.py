@@ -28,6 +28,8 @@ from typing import Any, Dict, Literal, Mapping, Optional, Set, Tuple, Type, Unio
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -51,9 +53,12 @@ torch.fx.wrap('resolve_self_attn_mask')
 
 
 def _check_beta(beta: float) -> float:
+    # float() would take True and '2': a flag or a string here is a mistake, not a cost
+    if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, torch.Tensor)):
+        raise ValueError(f'beta must be a number, got {beta!r}')
     try:
         beta = float(beta)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise ValueError(f'beta must be a number, got {beta!r}') from None
     if not math.isfinite(beta) or beta < 0:
         raise ValueError(f'beta is the information cost in the loss and must be finite and >= 0, got {beta}')
@@ -72,6 +77,22 @@ def _check_vib_hidden(vib_hidden: int) -> int:
             f'vib_hidden (hidden width of each head\'s encoder and decoder MLP, 0 = linear) must be an integer '
             f'>= 0, got {vib_hidden!r}')
     return int(vib_hidden)
+
+
+def _check_patch_grid(kwargs: Dict[str, Any]) -> None:
+    """The patches must tile the image: timm's patch embedding would silently drop the remainder
+    (a 28 px image with 16 px patches is one patch of its top-left corner)."""
+    if kwargs.get('dynamic_img_pad'):
+        return  # padded to a multiple of the patch
+    img, patch = kwargs.get('img_size', 224), kwargs.get('patch_size', 16)
+    if img is None or patch is None:
+        return
+    img = tuple(img) if isinstance(img, (tuple, list)) else (img, img)
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    if any(int(i) % int(p) for i, p in zip(img, patch)):
+        raise ValueError(
+            f'img_size {img[0]}x{img[1]} is not a multiple of patch_size {patch[0]}x{patch[1]}: the patches must tile '
+            'the image (pass an img_size that is a multiple, another patch_size, or dynamic_img_pad=True)')
 
 
 def _per_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -283,7 +304,8 @@ class MapAttention(Attention):
         return attn @ v
 
     def _split_heads(self, t: torch.Tensor, B: int, N: int) -> torch.Tensor:
-        return t.reshape(B, N, self.num_heads, -1).transpose(1, 2)
+        # sizes spelled out: with -1, a batch of 0 images is ambiguous to reshape
+        return t.reshape(B, N, self.num_heads, t.shape[-1] // self.num_heads).transpose(1, 2)
 
     def forward(
             self,
@@ -403,7 +425,7 @@ class VIBAttention(MapAttention):
             proj_bias = self.proj.bias
             if proj_bias is not None:
                 b_out = b_out + proj_bias
-            x_out = F.linear(vib.decode_hidden(z).transpose(1, 2).reshape(B, N, -1), w_out, b_out)
+            x_out = F.linear(vib.decode_hidden(z).transpose(1, 2).reshape(B, N, w_out.shape[1]), w_out, b_out)
         else:
             gate = self.gate(x).sigmoid() if self.gate is not None else None
             x_out = self.norm(vib.decode(z).transpose(1, 2).reshape(B, N, A))
@@ -791,6 +813,7 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
         beta = _check_beta(beta)
         vib_dim = _check_vib_dim(vib_dim)
         vib_hidden = _check_vib_hidden(vib_hidden)
+        _check_patch_grid(kwargs)
         if attn_mode == 'vib':
             if 'block_fn' in kwargs:
                 raise ValueError('block_fn is set by attn_mode; use timm_vib.vibify for other block types')
@@ -923,14 +946,34 @@ def _filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformerVIB)
 
 def _create_vit_vib(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerVIB:
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        VisionTransformerVIB,
-        variant,
-        pretrained,
-        pretrained_filter_fn=_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            VisionTransformerVIB,
+            variant,
+            pretrained,
+            pretrained_filter_fn=_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+    except LocalEntryNotFoundError as e:  # not cached, and the Hub out of reach: say where weights come from
+        raise LocalEntryNotFoundError(_no_weights_message(variant, kwargs)) from e
+    except SafetensorError as e:  # a damaged weights file: name it
+        cfg = kwargs.get('pretrained_cfg')
+        cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else (cfg or {})
+        where = os.path.join(cfg['file'], 'model.safetensors') if cfg.get('file') else cfg.get('hf_hub_id') or variant
+        raise ValueError(f'the pretrained weights of {variant} ({where}) are corrupt: {e}') from None
+
+
+def _no_weights_message(variant: str, kwargs: Dict[str, Any]) -> str:
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(variant)
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    repo = overlay.get('hf_hub_id') or (cfg.hf_hub_id if cfg is not None else None) or f'{HUB_NAMESPACE}/{variant}'
+    return (
+        f'no pretrained weights for {variant}: the Hub repo {repo} is neither in the local cache nor reachable '
+        f'(offline?). Either download it once with network access, set TIMM_VIB_HUB_NAMESPACE=ORG (before '
+        f'importing timm_vib) to load ORG/{variant}.in100, load a local folder with '
+        f'timm.create_model("local-dir:FOLDER"), or train the weights yourself: timm-vib sweep, then timm-vib push')
 
 
 # Where `pretrained=True` looks: set TIMM_VIB_HUB_NAMESPACE before importing timm_vib to use your own
