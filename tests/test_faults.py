@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from timm_vib import information_loss, information_per_sample, training
 from timm_vib.checkpoints import MANIFEST_NAME, verify_checkpoint
+from timm_vib.estimators import mutual_information, qk_svd, repetition_probe
 from timm_vib.files import atomic_write_text
 from timm_vib.hub import export
 
@@ -262,3 +263,40 @@ def test_corrupt_weights_in_a_local_dir_are_named(run, tmp_path):
     (folder / 'model.safetensors').write_bytes((run / 'model.safetensors').read_bytes()[:100])
     with pytest.raises(ValueError, match=f'{folder / "model.safetensors"}.*corrupt'):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_output_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / 'f').write_text('x')
+    with pytest.raises(ValueError, match='is a file'):
+        training.train(training.parse_args(['--epochs', '1', '--output', str(tmp_path / 'f')]))
+    assert (tmp_path / 'f').read_text() == 'x'
+
+
+def test_qk_svd_of_a_model_without_transformer_blocks_is_a_clear_error():
+    for model in (timm.create_model('resnet10t'), torch.nn.Linear(3, 3)):
+        with pytest.raises(ValueError, match='no transformer blocks'):
+            qk_svd(model)
+
+
+def test_repetition_probe_indices():
+    torch.manual_seed(0)
+    m = timm.create_model('vit_tiny_vib', vib_dim=4, img_size=32, patch_size=8, depth=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    # negative layer / head count from the end, as in Python: the same as the positive ones
+    torch.testing.assert_close(repetition_probe(m, x, [2, 7], [(-1, -1)], n_copies=(4,)),
+                               repetition_probe(m, x, [2, 7], [(1, 2)], n_copies=(4,)), rtol=0, atol=0)
+    assert repetition_probe(m, x, [2, 7], [(-1, -1)], n_copies=(4,)).abs().sum() > 0
+    with pytest.raises(ValueError, match='patch indices must be integers'):
+        repetition_probe(m, x, [3.7, 1], [(0, 0)])
+    with pytest.raises(ValueError, match='integers'):
+        repetition_probe(m, x, [3, 1], [(0.5, 0)])
+    assert repetition_probe(m, x, [3.0, 1.0], [(0, 0)], n_copies=(4,)).shape == (2, 1, 1, 4)
+
+
+@pytest.mark.parametrize('logvar', [-40.0, -50.0, -200.0])
+def test_mutual_information_of_near_deterministic_heads_is_log_of_the_point_count(logvar):
+    # well-separated points, vanishing noise: u identifies x, so I(X; U) = H(X) = log L
+    torch.manual_seed(0)
+    mu = torch.randn(50, 2) * 3
+    est = mutual_information(mu, torch.full((50, 2), logvar), n_samples=1000)
+    assert est.value == pytest.approx(np.log(50), abs=1e-9)

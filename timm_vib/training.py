@@ -165,6 +165,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--lr must be > 0, got {args.lr}')
     if args.beta is not None and not (math.isfinite(args.beta) and args.beta >= 0):
         raise ValueError(f'--beta must be finite and >= 0, got {args.beta}')
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ValueError(f'--output {args.output} is a file: the run folder must be a folder (or not exist yet)')
 
 
 def _default_output(args: argparse.Namespace) -> str:

@@ -122,6 +122,25 @@ class _Channel:
         # rows: u^2, u, 1, own log-density (subtracted, so blocks hold log-ratios to the own component)
         self.coef = torch.cat([
             -0.5 * self.prec.T, (self.mu * self.prec).T, const[None], -torch.ones_like(const)[None]]).contiguous()
+        # the expanded square u^2 prec - 2 u mu prec + mu^2 prec loses about eps * |u|^2 * prec nats to
+        # cancellation: fine for the usual posteriors, wrong (then NaN) for near-deterministic ones (logvar
+        # around -40 and below), which get the direct (u - mu)^2 prec instead, one latent dimension at a time
+        reach = self.mu.abs().amax() + 10 * self.std.amax()
+        self.direct = bool(torch.finfo(torch.float64).eps * r * reach ** 2 * self.prec.amax() > 1e-6)
+        self.const_direct = -0.5 * (logvar.sum(1) + r * _LOG_2PI)
+
+    def log_ratios(self, feats: torch.Tensor, p0: int, p1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """log p(u_s|x_i) - log p(u_s|x_s) for samples ``feats`` [S, 2r+2] and points p0..p1: [S, p1 - p0]."""
+        if not self.direct:
+            return torch.mm(feats, self.coef[:, p0:p1], out=out)
+        r = self.mu.shape[1]
+        u, own = feats[:, r:2 * r], feats[:, -1]
+        out = torch.empty(feats.shape[0], p1 - p0, dtype=feats.dtype, device=feats.device) if out is None else out
+        out.copy_((self.const_direct[None, p0:p1] - own[:, None]).expand_as(out))
+        for d in range(r):  # [S, P] at a time: [S, P, r] would not fit for large chunks
+            diff = u[:, d, None] - self.mu[None, p0:p1, d]
+            out.addcmul_(diff.square_(), self.prec[None, p0:p1, d], value=-0.5)
+        return out
 
     def draw(self, idx: torch.Tensor, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
         """Samples u ~ p(u|x_idx) as features [S, 2r+2] and their own log-density [S]."""
@@ -189,7 +208,7 @@ def _run_chunks(
                 blocks[m] = buf[m]
             for m in members:
                 # log p(u|x_i) - log p(u|x) for every sample and point of the chunk, in one product
-                torch.mm(feats[m], chans[m[0]].coef[:, p0:p1], out=blocks[m])
+                chans[m[0]].log_ratios(feats[m], p0, p1, out=blocks[m])
             for c in order:
                 mem = channels[c]
                 if len(mem) == 1:
@@ -203,7 +222,7 @@ def _run_chunks(
                 s = s.log_()
                 if bad.any():
                     # a point far likelier than the sample's own one overflowed exp: redo those rows in log space
-                    rows = sum(feats[m][bad] @ chans[m[0]].coef[:, p0:p1] for m in mem)
+                    rows = sum(chans[m[0]].log_ratios(feats[m][bad], p0, p1) for m in mem)
                     s[bad] = torch.logsumexp(rows, 1)
                 lse[:, c] = torch.logaddexp(lse[:, c], s)
         t = log_l - lse  # log p(u|x) - log mean_i p(u|x_i): the block holds the ratio to the own term

@@ -5,6 +5,8 @@ mean at the original patch moves: mu_aug - mu_0. Heads that detect repetition sh
 grows (4, 16, 64 in the paper).
 """
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
+import numbers
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -13,6 +15,18 @@ from .activity import _device, _need_bottleneck, check_layer_head
 from .capture import capture, eval_mode, grid_size, num_prefix_tokens
 
 __all__ = ['copy_patch', 'repetition_probe', 'RepetitionProbe']
+
+
+def _patch_indices(patches) -> torch.Tensor:
+    """Patch indices as a long tensor; 3.7 or True is a mistake, not patch 3 or 1."""
+    patches = torch.as_tensor(patches)
+    if patches.dtype == torch.bool or (patches.is_floating_point() and not torch.equal(patches, patches.round())):
+        raise ValueError(f'patch indices must be integers, got {patches.tolist()}')
+    return patches.long()
+
+
+def _num_heads(block: nn.Module) -> int:
+    return block.attn.num_heads if hasattr(block, 'attn') else block.num_heads
 
 
 def _patch_size(model: nn.Module) -> Tuple[int, int]:
@@ -35,7 +49,7 @@ def copy_patch(
         raise ValueError(f'image size {Hh}x{Ww} is not a multiple of the patch size {ph}x{pw}')
     gh, gw = Hh // ph, Ww // pw
     G = gh * gw
-    patches = torch.as_tensor(patches, device=images.device).long()
+    patches = _patch_indices(patches).to(images.device)
     if patches.shape != (P,):
         raise ValueError(f'need one patch index per image: {P} images, patches of shape {tuple(patches.shape)}')
     if (patches < 0).any() or (patches >= G).any():
@@ -89,10 +103,14 @@ def repetition_probe(
     if len(layer_heads) == 0:
         raise ValueError('no (layer, head) pairs given')
     for layer, head in layer_heads:
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in (layer, head)):
+            raise ValueError(f'(layer, head) pairs must be integers, got {(layer, head)!r}')
         check_layer_head(model, layer, head)
+    # negative indices count from the end, as in Python; the tensors below need them positive
+    layer_heads = [(layer % len(model.blocks), head % _num_heads(model.blocks[layer])) for layer, head in layer_heads]
     gh, gw = grid_size(model)
     G = gh * gw
-    patches = torch.as_tensor(patches).long().reshape(-1)
+    patches = _patch_indices(patches).reshape(-1)
     if len(patches) != len(images):
         raise ValueError(f'need one patch index per image: {len(images)} images, {len(patches)} patches')
     if (patches < 0).any() or (patches >= G).any():

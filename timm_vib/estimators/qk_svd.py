@@ -80,6 +80,9 @@ class QKSVD:
 
 
 def _qk_weights(model: nn.Module, fold_norm_scale: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(getattr(model, 'blocks', None), nn.Sequential):
+        raise ValueError(f'qk_svd reads the query-key weights of a timm Vision Transformer (model.blocks[i].attn.qkv); '
+                         f'{type(model).__name__} has no transformer blocks')
     attns = attention_modules(model)
     if not attns:
         raise ValueError('this model has no attention (attention-free blocks): there is no query-key matrix')
