@@ -300,3 +300,22 @@ def test_mutual_information_of_near_deterministic_heads_is_log_of_the_point_coun
     mu = torch.randn(50, 2) * 3
     est = mutual_information(mu, torch.full((50, 2), logvar), n_samples=1000)
     assert est.value == pytest.approx(np.log(50), abs=1e-9)
+
+
+# --- 3: numeric options ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('flag, value, match', [
+    ('--clip-grad', '-1', 'clip-grad must be >0'), ('--clip-grad', '0', 'clip-grad must be >0'),
+    ('--clip-grad', 'nan', 'clip-grad must be a finite'), ('--lr', 'inf', 'lr must be a finite'),
+    ('--lr', 'nan', 'lr must be a finite'), ('--warmup-epochs', 'nan', 'warmup-epochs must be a finite'),
+    ('--beta-warmup-epochs', 'nan', 'beta-warmup-epochs must be a finite'), ('--min-lr', '-1e-6', 'min-lr must be >= 0'),
+    ('--min-lr', '1', 'above --lr'), ('--weight-decay', 'inf', 'weight-decay must be a finite'),
+    ('--weight-decay', '-0.1', 'weight-decay must be >= 0'), ('--beta', 'nan', 'beta must be a finite'),
+    ('--max-train-samples', '0', 'max-train-samples must be >= 1'), ('--seed', '-1', 'seed must be >= 0'),
+    ('--seed', str(2 ** 32), 'seed must be < 2'), ('--warmup-epochs', '-1', 'warmup-epochs must be >= 0'),
+])
+def test_numeric_options_must_be_finite_and_in_range(tmp_path, flag, value, match):
+    args = training.parse_args(['--epochs', '1', '--output', str(tmp_path / 'r'), f'{flag}={value}'])
+    with pytest.raises(ValueError, match=match):
+        training.train(args)
+    assert not (tmp_path / 'r').exists()

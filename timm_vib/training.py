@@ -147,6 +147,17 @@ def to_argv(args: argparse.Namespace) -> List[str]:
     return argv
 
 
+# Every numeric option and its range ('>0': strictly positive); all must also be finite (argparse takes
+# 'nan' and 'inf' as floats, and torch flips the sign of a negative --clip-grad: training goes backwards)
+_NUMERIC_OPTIONS = {
+    'epochs': 1, 'batch_size': 1, 'grad_accum': 1, 'keep_checkpoints': 1, 'log_interval': 1,
+    'max_train_samples': 1, 'max_val_samples': 1,
+    'checkpoint_every': 0, 'stochastic_eval': 0, 'stochastic_eval_every': 0, 'num_workers': 0, 'seed': 0,
+    'lr': '>0', 'min_lr': 0, 'weight_decay': 0, 'warmup_epochs': 0, 'beta_warmup_epochs': 0, 'clip_grad': '>0',
+    'beta': 0,
+}
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Clear errors for bad arguments, before any data is read or model built."""
     import timm
@@ -154,17 +165,19 @@ def check_args(args: argparse.Namespace) -> None:
     if not timm.is_model(args.model):
         close = [n for n in timm_vib.MODEL_NAMES if args.model.split('_')[0] in n][:8] or timm_vib.MODEL_NAMES
         raise ValueError(f'unknown model {args.model!r}; timm_vib models: {", ".join(close)}')
-    for name in ('epochs', 'batch_size', 'grad_accum', 'keep_checkpoints', 'log_interval'):
-        if getattr(args, name) < 1:
-            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
-    for name in ('checkpoint_every', 'stochastic_eval', 'stochastic_eval_every', 'num_workers', 'warmup_epochs',
-                 'beta_warmup_epochs'):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(args, name)}')
-    if not args.lr > 0:
-        raise ValueError(f'--lr must be > 0, got {args.lr}')
-    if args.beta is not None and not (math.isfinite(args.beta) and args.beta >= 0):
-        raise ValueError(f'--beta must be finite and >= 0, got {args.beta}')
+    for name, low in _NUMERIC_OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue  # optional, and not given
+        flag = f'--{name.replace("_", "-")}'
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f'{flag} must be a finite number, got {value!r}')
+        if low == '>0' and not value > 0 or low != '>0' and value < low:
+            raise ValueError(f'{flag} must be {low if low == ">0" else f">= {low}"}, got {value}')
+    if args.min_lr > args.lr:
+        raise ValueError(f'--min-lr {args.min_lr} is above --lr {args.lr}: the cosine schedule would rise')
+    if args.seed >= 2 ** 32:
+        raise ValueError(f'--seed must be < 2**32 (numpy\'s seeds), got {args.seed}')
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise ValueError(f'--output {args.output} is a file: the run folder must be a folder (or not exist yet)')
 
