@@ -319,3 +319,21 @@ def test_numeric_options_must_be_finite_and_in_range(tmp_path, flag, value, matc
     with pytest.raises(ValueError, match=match):
         training.train(args)
     assert not (tmp_path / 'r').exists()
+
+
+# --- 5: --resume continues the same run, or says why not -----------------------------------------
+
+def test_resume_with_other_arguments_is_an_error(run, tmp_path):
+    before = snapshot(run)
+    with pytest.raises(ValueError, match=r'--epochs 2 \(run\) vs 3 \(now\)'):
+        training.train(training.parse_args([*TINY, '--output', str(run), '--resume', '--epochs', '3']))
+    # the same arguments (where and how it reports may differ): the finished run as it is
+    assert training.train(training.parse_args([*TINY, '--output', str(run), '--resume', '--log-interval', '3'])) == run
+    assert snapshot(run) == before
+    b = unfinished_copy(run, tmp_path / 'b')
+    for extra, flag in ((['--clip-grad', '1'], '--clip-grad'), (['--min-lr', '1e-5'], '--min-lr'),
+                        (['--beta-warmup-epochs', '0'], '--beta-warmup-epochs'), (['--eval-z', 'mean'], '--eval-z'),
+                        (['--mixed-precision', 'bf16'], '--mixed-precision')):
+        with pytest.raises(ValueError, match=f'differ.*{flag} '):
+            training.train(training.parse_args([*TINY, '--output', str(b), '--resume', *extra]))
+    assert (b / 'run_config.json').read_bytes() == (run / 'run_config.json').read_bytes()

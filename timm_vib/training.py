@@ -395,10 +395,36 @@ def _versions() -> Dict[str, str]:
             'accelerate': accelerate.__version__, 'timm_vib': timm_vib.__version__}
 
 
-# Arguments that define what is trained: a resumed run must agree on them with the run it continues.
-_SAME_ON_RESUME = ('model', 'model_kwargs', 'beta', 'kl_reduction', 'beta_warmup_epochs', 'beta_schedule',
-                   'data', 'class_list', 'max_train_samples',
-                   'batch_size', 'lr', 'weight_decay', 'warmup_epochs', 'grad_accum', 'seed', 'epochs')
+# Options that may change when a run is resumed: where and how it reports and checkpoints. Every other
+# option of the trainer changes what is trained or measured, so it must match the run being continued.
+_FREE_ON_RESUME = ('output', 'resume', 'checkpoint_every', 'keep_checkpoints', 'log_with', 'log_interval',
+                   'no_progress', 'num_workers', 'kill_at_step')
+
+
+def _check_same_run(out: Path, args: argparse.Namespace) -> None:
+    """ValueError listing the options in which ``args`` (resolved) differ from the run recorded in
+    ``out/run_config.json`` (options it does not record count as their defaults)."""
+    path = out / 'run_config.json'
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())['args']
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f'{path} is corrupt ({e}): cannot tell whether --resume continues the same run') from None
+    defaults = vars(parse_args([]))
+    new = {k: dict(v) if k == 'model_kwargs' else v for k, v in vars(args).items()}
+    diff = []
+    for key in defaults:
+        if key in _FREE_ON_RESUME:
+            continue
+        was, now = old.get(key, defaults[key]), new.get(key, defaults[key])
+        if key == 'model_kwargs':
+            was, now = dict(was or {}), dict(now or {})
+        if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
+            diff.append(f'--{key.replace("_", "-")} {was!r} (run) vs {now!r} (now)')
+    if diff:
+        raise ValueError(f'--resume with arguments that differ from the run in {out}: {"; ".join(diff)}. Resume with '
+                         'the same arguments, or train into another --output')
 
 
 def _run_config(args, accelerator, spec, arch: str, model_args: Dict[str, Any], beta: float, attn_mode: str,
@@ -465,6 +491,8 @@ def _resolve(args: argparse.Namespace) -> Tuple[argparse.Namespace, Path, int]:
         args.beta_warmup_epochs = 0.1 * args.epochs  # the reference script: 100 of 1000 epochs
     out = Path(args.output or _default_output(args))
     args.output = str(out)
+    if args.resume and ((out / SUMMARY).is_file() or any((out / 'checkpoints').glob('ckpt-*'))):
+        _check_same_run(out, args)  # continue the run that is there, or say how these arguments differ
     if (out / SUMMARY).is_file() and not args.resume:
         raise ValueError(f'{out} holds a finished run ({SUMMARY}); choose another --output or remove it')
     if not args.resume and (out / 'checkpoints').is_dir() and any((out / 'checkpoints').glob('ckpt-*')):
@@ -507,11 +535,6 @@ def _resume(args, accelerator, ckpts: 'Checkpoints', out: Path, config: Dict[str
         elif not (resume_from / 'train_state.json').is_file():
             raise FileNotFoundError(f'{resume_from} is not a checkpoint of this trainer (no train_state.json)')
     if resume_from is not None:
-        old = json.loads((out / RUN_CONFIG).read_text()) if (out / RUN_CONFIG).is_file() else None
-        if old is not None:
-            diff = [k for k in _SAME_ON_RESUME if json.dumps(old['args'].get(k)) != json.dumps(config['args'].get(k))]
-            if diff:
-                raise ValueError(f'--resume with arguments that differ from the run in {out}: {", ".join(diff)}')
         state = ckpts.load(resume_from)
         if not accelerator.is_main_process:
             state['sums'] = [0.0] * 4  # the saved sums are over all processes; rank 0 carries them
