@@ -2,6 +2,7 @@
 
 One tiny finished run (2 epochs, several checkpoints) is trained once and copied where a test damages it.
 """
+import json
 import os
 import shutil
 import stat
@@ -337,3 +338,109 @@ def test_resume_with_other_arguments_is_an_error(run, tmp_path):
         with pytest.raises(ValueError, match=f'differ.*{flag} '):
             training.train(training.parse_args([*TINY, '--output', str(b), '--resume', *extra]))
     assert (b / 'run_config.json').read_bytes() == (run / 'run_config.json').read_bytes()
+
+
+# --- kill -9 at any moment: the next command completes exactly, or fails naming the problem ---------
+
+KILLERS = {
+    # mid-step: after the forward pass of update 23, before its backward (4 steps after the checkpoint of step 20)
+    'mid-step': '''
+import accelerate
+_orig, _n = accelerate.Accelerator.backward, [0]
+def _backward(self, loss, **kw):
+    _n[0] += 1
+    if _n[0] == 23:
+        die()
+    return _orig(self, loss, **kw)
+accelerate.Accelerator.backward = _backward
+''',
+    # during a checkpoint write: half of the optimizer state of the second checkpoint (step 10) on disk
+    'checkpoint-write': '''
+import io, torch
+_orig, _n = torch.save, [0]
+def _save(obj, f, *a, **kw):
+    if isinstance(f, (str, os.PathLike)) and str(f).endswith('optimizer.bin'):
+        _n[0] += 1
+        if _n[0] == 2:
+            buf = io.BytesIO()
+            _orig(obj, buf)
+            open(f, 'wb').write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            die()
+    return _orig(obj, f, *a, **kw)
+torch.save = _save
+''',
+    # during the final write: the final weights written to the staging folder, not yet renamed into place
+    'final-write': '''
+import timm_vib.checkpoints as _c
+_orig = _c.save_for_hf
+def _save_for_hf(*a, **kw):
+    _orig(*a, **kw)
+    die()
+_c.save_for_hf = _save_for_hf
+''',
+    # during export: the card half-written in the staging folder
+    'export': '''
+import huggingface_hub
+def _card_save(self, path):
+    open(path, 'w').write(str(self)[:100])
+    die()
+huggingface_hub.ModelCard.save = _card_save
+''',
+}
+
+
+def killed(point: str, argv, cwd: Path):
+    """Run ``timm-vib ARGV`` in a process that SIGKILLs itself at ``point``; returns the CompletedProcess."""
+    code = ('import os, signal, sys\n'
+            'def die():\n'
+            '    os.kill(os.getpid(), signal.SIGKILL)\n'
+            + KILLERS[point] +
+            'from timm_vib.cli import main\n'
+            f'sys.exit(main({[str(a) for a in argv]!r}))\n')
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    return subprocess.run([sys.executable, '-c', code], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def outside(root: Path, *inside: Path):
+    return {k: v for k, v in snapshot(root).items() if not any((root / k).is_relative_to(p) for p in inside)}
+
+
+@pytest.mark.parametrize('point', ['mid-step', 'checkpoint-write', 'final-write'])
+def test_training_killed_at_any_point_resumes_exactly(run, tmp_path, point):
+    (tmp_path / 'beside.txt').write_text('a file next to the run')
+    b = tmp_path / 'b'
+    before = outside(tmp_path, b)
+    p = killed(point, ['train', *TINY, '--output', b], tmp_path)
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert not (b / 'summary.json').exists()
+    training.train(training.parse_args([*TINY, '--output', str(b), '--resume']))
+    a_w, b_w = load_file(run / 'model.safetensors'), load_file(b / 'model.safetensors')
+    assert a_w.keys() == b_w.keys() and all(torch.equal(a_w[k], b_w[k]) for k in a_w)
+    assert (run / 'metrics.jsonl').read_text() == (b / 'metrics.jsonl').read_text()
+    # nothing of the interrupted writes is left, and nothing outside the run folder changed
+    assert not [q for q in b.rglob('.*')], list(b.rglob('.*'))
+    assert outside(tmp_path, b) == before
+
+
+def test_export_killed_midway_is_completed_by_the_next_export(run, tmp_path):
+    (tmp_path / 'beside.txt').write_text('a file next to the export')
+    hub = tmp_path / 'hub'
+    before_run, before = snapshot(run), outside(tmp_path, hub)
+    p = killed('export', ['export', run, hub], tmp_path)
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert not (hub / 'README.md').exists()  # the card never reaches the folder half-written
+    export(run, hub)
+    assert sorted(q.name for q in hub.iterdir()) == sorted(
+        ['README.md', 'config.json', 'metrics.jsonl', 'model.safetensors', 'run_config.json', 'summary.json'])
+    assert (hub / 'model.safetensors').read_bytes() == (run / 'model.safetensors').read_bytes()
+    assert snapshot(run) == before_run and outside(tmp_path, hub) == before
+
+
+def test_json_files_hold_null_for_non_finite_numbers(tmp_path):
+    from timm_vib.files import atomic_write_json, json_line
+    obj = {'loss': float('nan'), 'nested': [1.5, float('inf'), {'x': -float('inf')}], 'n': 3}
+    atomic_write_json(tmp_path / 'a.json', obj)
+    text = (tmp_path / 'a.json').read_text()
+    assert 'NaN' not in text and 'Infinity' not in text
+    assert json.loads(text) == {'loss': None, 'nested': [1.5, None, {'x': None}], 'n': 3}
+    assert json.loads(json_line(obj)) == json.loads(text) and json_line(obj).count('\n') == 1

@@ -1,12 +1,14 @@
 """Writing files so that a crash at any moment leaves either the old file or the new one."""
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-__all__ = ['atomic_write', 'atomic_write_json', 'atomic_write_text', 'umask_mode', 'apply_umask']
+__all__ = ['atomic_write', 'atomic_write_json', 'atomic_write_text', 'umask_mode', 'apply_umask', 'finite_or_null',
+           'json_line']
 
 PathLike = Union[str, os.PathLike]
 
@@ -67,6 +69,24 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         f.write(text)
 
 
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float (at any depth) replaced by None: JSON has no NaN, and
+    Python's ``json`` would write a bare ``NaN`` that other readers reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def json_line(obj: Any) -> str:
+    """One line of JSON Lines: valid JSON (non-finite numbers as null), newline-terminated."""
+    return json.dumps(finite_or_null(obj), allow_nan=False) + '\n'
+
+
 def atomic_write_json(path: PathLike, obj: Any, **dump_kwargs: Any) -> None:
+    """Write ``obj`` as valid JSON (non-finite numbers as null), atomically."""
     dump_kwargs.setdefault('indent', 2)
-    atomic_write_text(path, json.dumps(obj, **dump_kwargs) + '\n')
+    atomic_write_text(path, json.dumps(finite_or_null(obj), allow_nan=False, **dump_kwargs) + '\n')

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Union
 
-from .files import atomic_write_text
+from .files import atomic_write_text, json_line
 
 __all__ = ['SUMMARY', 'METRICS', 'RUN_CONFIG', 'RUN_FILES', 'seed_folder', 'is_finished', 'find_runs',
            'read_json', 'read_summary', 'read_metrics', 'append_metrics', 'truncate_metrics']
@@ -93,7 +93,7 @@ def append_metrics(path: PathLike, row: Dict[str, Any]) -> None:
     1000-epoch run does not rewrite its history every epoch. A kill mid-write can only cut the last
     line, which :func:`read_metrics` skips."""
     with open(path, 'a', encoding='utf-8') as f:
-        f.write(json.dumps(row) + '\n')
+        f.write(json_line(row))
         f.flush()
         os.fsync(f.fileno())
 
@@ -102,4 +102,4 @@ def truncate_metrics(path: PathLike, last_epoch: int) -> None:
     """Keep the rows up to ``last_epoch`` (rewritten atomically): on resume, the epochs after the
     checkpoint are trained again and must not be listed twice."""
     kept = [r for r in read_metrics(path) if r['epoch'] <= last_epoch]
-    atomic_write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
+    atomic_write_text(path, ''.join(json_line(r) for r in kept))

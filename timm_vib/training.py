@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .errors import command
 from .files import atomic_write_json
 from .checkpoints import remove_temporaries, write_manifest
-from .files import apply_umask, atomic_write_json, atomic_write_text
+from .files import apply_umask, atomic_write_json, atomic_write_text, json_line
 from .information import KL_REDUCTIONS, information_loss, information_per_sample
 from .runs import METRICS, RUN_CONFIG, SUMMARY, append_metrics, read_metrics, truncate_metrics
 

@@ -4,9 +4,8 @@ Copy one patch of an image to N other patch-aligned places and measure how far a
 mean at the original patch moves: mu_aug - mu_0. Heads that detect repetition shift further as N
 grows (4, 16, 64 in the paper).
 """
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import numbers
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
