@@ -4,6 +4,7 @@ One tiny finished run (2 epochs, several checkpoints) is trained once and copied
 """
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -444,3 +445,26 @@ def test_json_files_hold_null_for_non_finite_numbers(tmp_path):
     assert 'NaN' not in text and 'Infinity' not in text
     assert json.loads(text) == {'loss': None, 'nested': [1.5, None, {'x': None}], 'n': 3}
     assert json.loads(json_line(obj)) == json.loads(text) and json_line(obj).count('\n') == 1
+
+
+# --- 4: non-finite training stops, naming the step and the last good checkpoint ---------------------
+
+def test_non_finite_loss_stops_training_naming_step_and_checkpoint(tmp_path):
+    out = tmp_path / 'r'
+    args = training.parse_args([*TINY, '--lr', '1e6', '--output', str(out), '--checkpoint-every', '1',
+                                '--log-interval', '4'])
+    with pytest.raises(training.NonFiniteLossError, match=r'non-finite.* at optimizer step (\d+) .*last good checkpoint is') as e:
+        training.train(args)
+    step = int(re.search(r'optimizer step (\d+)', str(e.value)).group(1))
+    last = re.search(r'checkpoint is (\S+) ', str(e.value)).group(1)
+    # checkpoints are written every step while the loss is finite: the last one is the step before
+    assert Path(last).name.startswith(f'ckpt-{step - 1:09d}-')
+    assert [p.name for p in checkpoints_of(out)][-1] == Path(last).name
+    assert not (out / 'summary.json').exists() and not (out / 'model.safetensors').exists()
+    for ckpt in checkpoints_of(out):  # no checkpoint holds diverged weights
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / 'model.safetensors').values())
+    # the CLI says the same in one line
+    p = subprocess.run([sys.executable, '-m', 'timm_vib.cli', 'train', *TINY, '--lr', '1e6', '--output',
+                        str(tmp_path / 'cli')], env={**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and 'non-finite' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]

@@ -385,6 +385,43 @@ class Checkpoints:
         return state
 
 
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite: the run stopped, its last good checkpoint is named."""
+
+
+class _FirstNonFinite:
+    """The first optimizer step whose loss was NaN or infinite, kept on the device: updating it queues
+    two small kernels and never waits for the device; only :meth:`check` reads it (at the log interval,
+    before a checkpoint, at the end of an epoch)."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        new = ~torch.isfinite(loss.detach()) & (self.step < 0)
+        self.step = torch.where(new, torch.full_like(self.step, step), self.step)
+
+    def check(self, accelerator, epoch: int, ckpts: 'Checkpoints') -> None:
+        """NonFiniteLossError naming the step if any process saw a non-finite loss (every process
+        calls this at the same points, so all of them stop together)."""
+        steps = accelerator.gather(self.step[None]) if accelerator.num_processes > 1 else self.step[None]
+        bad = steps[steps >= 0]
+        if len(bad):
+            raise _diverged(int(bad.min()), epoch, ckpts)
+
+
+def _diverged(step: int, epoch: int, ckpts: 'Checkpoints') -> NonFiniteLossError:
+    try:
+        last = ckpts.latest()
+    except ValueError:
+        last = None
+    where = (f'the last good checkpoint is {last} (checkpoints are only written while the loss is finite)'
+             if last is not None else 'no checkpoint was written before it')
+    return NonFiniteLossError(
+        f'the training loss became non-finite (NaN or inf) at optimizer step {step} (epoch {epoch + 1}): training '
+        f'stopped and wrote no final weights; {where}. Lower --lr or set --clip-grad, and train into a new --output')
+
+
 # --- run files ----------------------------------------------------------------------------------
 
 def _versions() -> Dict[str, str]:
@@ -569,10 +606,11 @@ class _Sums:
 
 def train_one_epoch(args, epoch: int, model, optimizer, scheduler, train_loader, accelerator, ckpts: 'Checkpoints',
                     state: Dict[str, Any], beta: float, beta_warmup_updates: int, has_kl: bool,
-                    progress, task) -> List[float]:
+                    progress, task, nonfinite: '_FirstNonFinite') -> List[float]:
     """Step 7: one epoch from ``state['batch']`` on (after a kill mid-epoch, exactly the batches that
     were left, in the same order); updates ``state`` in place and returns the epoch's summed
-    [loss, ce, correct, count] over all processes."""
+    [loss, ce, correct, count] over all processes. A non-finite loss stops it (NonFiniteLossError) at
+    the next log interval, before any checkpoint holds the diverged weights."""
     from accelerate.data_loader import skip_first_batches
     model.train()
     train_loader.set_epoch(epoch)
@@ -598,6 +636,7 @@ def train_one_epoch(args, epoch: int, model, optimizer, scheduler, train_loader,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         sums.add(loss, ce, logits, y)
+        nonfinite.update(loss, state['step'] + 1)
         state['batch'] = batch_idx + 1
         state['samples'] += x.shape[0] * accelerator.num_processes
         if show:
@@ -606,6 +645,8 @@ def train_one_epoch(args, epoch: int, model, optimizer, scheduler, train_loader,
             continue
         state['step'] += 1
         scheduler.step_update(num_updates=state['step'])
+        if state['step'] % args.log_interval == 0:
+            nonfinite.check(accelerator, epoch, ckpts)
         if show and (state['step'] % args.log_interval == 0 or state['batch'] == len(train_loader)):
             # the only reads of device values inside the epoch, and only when someone looks at them
             nats = kl.detach().sum(dim=(1, 2, 3)).mean().item() if kl is not None else float('nan')
@@ -616,12 +657,14 @@ def train_one_epoch(args, epoch: int, model, optimizer, scheduler, train_loader,
         if args.checkpoint_every and state['step'] % args.checkpoint_every == 0 and state['batch'] < len(train_loader):
             state['train_seconds'] += time.perf_counter() - t0
             state['sums'] = sums.read(accelerator)
+            nonfinite.check(accelerator, epoch, ckpts)  # never checkpoint diverged weights
             ckpts.save(state)
             t0 = time.perf_counter()
         if args.kill_at_step is not None and state['step'] == args.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: a real kill, at any point after a checkpoint
     state['train_seconds'] += time.perf_counter() - t0
     progress.update(task, completed=state['batch'])
+    nonfinite.check(accelerator, epoch, ckpts)
     return sums.read(accelerator)
 
 
@@ -702,10 +745,11 @@ def train(args: argparse.Namespace) -> Path:
     progress = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), disable=args.no_progress or not accelerator.is_local_main_process)
     task = progress.add_task('', total=len(train_loader))
+    nonfinite = _FirstNonFinite(accelerator.device)
     with progress:
         for epoch in range(state['epoch'], args.epochs):
             train_sums = train_one_epoch(args, epoch, model, optimizer, scheduler, train_loader, accelerator, ckpts,
-                                         state, beta, beta_warmup_updates, has_kl, progress, task)
+                                         state, beta, beta_warmup_updates, has_kl, progress, task, nonfinite)
             beta_epoch = beta_at(beta, max(state['step'] - 1, 0), beta_warmup_updates, args.beta_schedule)
             row = _epoch_row(args, epoch, model, optimizer, val_loader, accelerator, state, train_sums, beta_epoch,
                              attn_mode)
