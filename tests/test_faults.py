@@ -468,3 +468,42 @@ def test_non_finite_loss_stops_training_naming_step_and_checkpoint(tmp_path):
                         str(tmp_path / 'cli')], env={**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'},
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and 'non-finite' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
+
+
+def test_analyze_writes_a_whole_report_or_none(run, tmp_path, monkeypatch):
+    from timm_vib import report
+    small = dict(max_images=32, batch_size=32, nmi_samples=200, nmi_points=64, probe_patches=4, progress=False)
+    out = tmp_path / 'report'
+
+    def broken(*a, **kw):
+        raise RuntimeError('an estimator failed half-way')
+
+    with monkeypatch.context() as m:
+        m.setattr(report, 'fig_survival', broken)
+        with pytest.raises(RuntimeError, match='half-way'):
+            report.analyze([run], out, **small)
+    assert list(out.iterdir()) == []  # no partial report (and no staging folder) left
+    index = report.analyze([run], out, **small)
+    assert index == out / 'index.html' and index.is_file()
+    before = snapshot(out)
+    assert 'captions.json' in {p.name for p in out.iterdir()} and not [p for p in out.iterdir() if p.name.startswith('.')]
+    with monkeypatch.context() as m:
+        m.setattr(report, 'fig_survival', broken)
+        with pytest.raises(RuntimeError, match='half-way'):
+            report.analyze([run], out, **small)
+    assert snapshot(out) == before  # the previous report, whole
+
+
+def test_analyze_refuses_missing_devices_and_diverged_runs(run, tmp_path):
+    from timm_vib import report
+    with pytest.raises(ValueError, match='not a torch device'):
+        report.analyze([run], tmp_path / 'r', device='gpu0')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='no CUDA device'):
+            report.analyze([run], tmp_path / 'r', device='cuda')
+    bad = shutil.copytree(run, tmp_path / 'sweep' / 'diverged')
+    summary = json.loads((bad / 'summary.json').read_text())
+    (bad / 'summary.json').write_text(json.dumps({**summary, 'val_top1': None}))
+    with pytest.raises(ValueError, match='diverged.*diverged'):
+        report.analyze([bad], tmp_path / 'r')
+    assert not (tmp_path / 'r').exists()

@@ -9,6 +9,8 @@ import html
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from .figures import beta_colors, model_label, plot_accuracy_vs_information, plt, save_figure, seed_stats
-from .files import atomic_write_json, atomic_write_text
+from .files import apply_umask, atomic_write_json, atomic_write_text
 
 __all__ = ['Run', 'load_runs', 'analyze', 'fmt_top1', 'fmt_nats', 'head_label', 'FIGURES']
 
@@ -645,16 +647,65 @@ def analyze(
     mean ± std over seeds, the NMI figure compares the most restricted model's most informative head
     across seeds, and the other figures dissect the first seed's runs.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    check_device(device)
     all_runs = load_runs(run_dirs)
     if not all_runs:
         raise ValueError('no runs to analyse')
+    _check_finite_runs(all_runs)
+    final = Path(out)
+    if final.exists() and not final.is_dir():
+        raise ValueError(f'report folder {final} exists and is not a folder')
+    final.mkdir(parents=True, exist_ok=True)
+    for old in final.glob(f'{STAGING_PREFIX}*'):  # left by an analysis that was killed
+        shutil.rmtree(old, ignore_errors=True)
+    # the report is written into a staging folder and its files renamed into place at the end: an error
+    # or a kill half-way leaves the previous report (or none), never a partial one
+    out = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=final))
+    try:
+        index = _analyze(all_runs, out, max_images, batch_size, kl_map_images, nmi_samples, nmi_points, probe_patches,
+                         device, progress)
+        for p in sorted(out.iterdir(), key=lambda p: p.name == index.name):  # the index last
+            apply_umask(p)
+            os.replace(p, final / p.name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return final / index.name
+
+
+STAGING_PREFIX = '.timm-vib-report-'
+
+
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` as a torch.device, or a ValueError when it is not one or is not present on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f'--device {device!r} is not a torch device ({e})') from None
+    mps = getattr(torch.backends, 'mps', None)
+    present = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': bool(mps and mps.is_available()),
+               'xpu': bool(getattr(torch, 'xpu', None) and torch.xpu.is_available())}.get(dev.type, True)
+    if not present:
+        raise ValueError(f'--device {device}: this machine has no {dev.type.upper()} device that torch can use; '
+                         'use --device cpu')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f'--device {device}: there are only {torch.cuda.device_count()} CUDA devices')
+    return dev
+
+
+def _check_finite_runs(runs: List[Run]) -> None:
+    bad = [str(r.dir) for r in runs if not isinstance(r.summary.get('val_top1'), (int, float))
+           or not math.isfinite(r.summary['val_top1'])]
+    if bad:
+        raise ValueError(f'runs without finite validation results (diverged?): {", ".join(bad)}; leave them out')
+
+
+def _analyze(all_runs, out: Path, max_images, batch_size, kl_map_images, nmi_samples, nmi_points, probe_patches,
+             device, progress) -> Path:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     groups = seed_groups(all_runs)
     runs = [g[0] for g in groups]  # one seed per model for the per-run dissections
     restricted = [g for g in groups if g[0].mode == 'vib']
     other_seeds = restricted[0][1:] if restricted else []  # the most restricted model's other seeds
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     for r in runs + other_seeds:
         r.model(device)
