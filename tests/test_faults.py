@@ -507,3 +507,6 @@ def test_analyze_refuses_missing_devices_and_diverged_runs(run, tmp_path):
     with pytest.raises(ValueError, match='diverged.*diverged'):
         report.analyze([bad], tmp_path / 'r')
     assert not (tmp_path / 'r').exists()
+    with pytest.raises(ValueError, match='no finite val_top1'):
+        export(bad, tmp_path / 'hub')
+    assert not (tmp_path / 'hub').exists()

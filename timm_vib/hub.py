@@ -8,6 +8,7 @@ from ``hub_cards/`` (template + per-model metadata) with huggingface_hub's ``Mod
 repos under ``TIMM_VIB_HUB_NAMESPACE`` with ``pretrained=True``.
 """
 import json
+import math
 import os
 import shutil
 import socket
@@ -46,7 +47,12 @@ def _check_run(run_dir: Path) -> Dict[str, Any]:
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f'{run_dir} has no {name}: the run did not write its final weights')
     read_config(run_dir)
-    return _read_json(run_dir / 'summary.json')
+    summary = _read_json(run_dir / 'summary.json')
+    top1 = summary.get('val_top1')
+    if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1):
+        raise ValueError(f'{run_dir / "summary.json"} has no finite val_top1 ({top1!r}): the run diverged or the file '
+                         'is damaged; nothing to publish')
+    return summary
 
 
 def _card_metadata() -> Dict[str, Any]:
