@@ -287,12 +287,12 @@ def test_repetition_probe_indices():
     # negative layer / head count from the end, as in Python: the same as the positive ones
     torch.testing.assert_close(repetition_probe(m, x, [2, 7], [(-1, -1)], n_copies=(4,)),
                                repetition_probe(m, x, [2, 7], [(1, 2)], n_copies=(4,)), rtol=0, atol=0)
-    assert repetition_probe(m, x, [2, 7], [(-1, -1)], n_copies=(4,)).abs().sum() > 0
+    assert repetition_probe(m, x, [2, 7], [(-1, -1)], n_copies=(4,)).shift.abs().sum() > 0
     with pytest.raises(ValueError, match='patch indices must be integers'):
         repetition_probe(m, x, [3.7, 1], [(0, 0)])
     with pytest.raises(ValueError, match='integers'):
         repetition_probe(m, x, [3, 1], [(0.5, 0)])
-    assert repetition_probe(m, x, [3.0, 1.0], [(0, 0)], n_copies=(4,)).shape == (2, 1, 1, 4)
+    assert repetition_probe(m, x, [3.0, 1.0], [(0, 0)], n_copies=(4,)).shift.shape == (2, 1, 1, 4)
 
 
 @pytest.mark.parametrize('logvar', [-40.0, -50.0, -200.0])
