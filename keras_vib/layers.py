@@ -5,6 +5,7 @@ Token tensors are [batch, tokens, channels]; inside attention, per-head tensors 
 ``keras_vib>Name`` and its ``get_config`` holds exactly its constructor arguments.
 """
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import keras
@@ -101,15 +102,15 @@ class GaussianBottleneck(keras.layers.Layer):
             **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(vib_dim, bool) or not isinstance(vib_dim, int) or vib_dim < 1:
+        if isinstance(vib_dim, bool) or not isinstance(vib_dim, numbers.Integral) or vib_dim < 1:
             raise ValueError(f'vib_dim (the latent size r per head) must be an integer >= 1, got {vib_dim!r}')
-        if isinstance(vib_hidden, bool) or not isinstance(vib_hidden, int) or vib_hidden < 0:
+        if isinstance(vib_hidden, bool) or not isinstance(vib_hidden, numbers.Integral) or vib_hidden < 0:
             raise ValueError(f'vib_hidden (hidden width of the encoder / decoder MLPs, 0 = linear) must be an '
                              f'integer >= 0, got {vib_hidden!r}')
         self.num_heads = int(num_heads)
         self.head_dim = int(head_dim)
-        self.vib_dim = vib_dim
-        self.vib_hidden = vib_hidden
+        self.vib_dim = int(vib_dim)  # numpy integers too; get_config holds plain ints
+        self.vib_hidden = int(vib_hidden)
         self.kl_weight = float(kl_weight)
         self.logvar_init = float(logvar_init)
         self.logvar_clamp = tuple(float(v) for v in logvar_clamp)

@@ -9,6 +9,7 @@ convention of ``timm_vib.information_loss`` that the published betas use), so
 optimises CE + beta * KL. beta is held in a non-trainable variable (``model.beta_variable``) that the
 loss reads, so a compiled train step sees a new value (``BetaWarmup`` ramps it during ``fit``).
 """
+import numbers
 from typing import Any, Dict, Literal, Optional, Sequence, Union
 
 import numpy as np
@@ -27,6 +28,9 @@ ATTN_MODES = ('vib', 'none', 'plain')
 
 
 def _check_beta(beta: float) -> float:
+    # float() would take True and '2': a flag or a string here is a mistake, not a cost
+    if isinstance(beta, (bool, np.bool_)) or not isinstance(beta, numbers.Real):
+        raise ValueError(f'beta must be a number, got {beta!r}')
     try:
         beta = float(beta)
     except (TypeError, ValueError):
@@ -81,8 +85,11 @@ class VisionTransformerVIB(keras.Model):
         super().__init__(**kwargs)
         if attn_mode not in ATTN_MODES:
             raise ValueError(f'attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}')
-        if isinstance(vib_dim, bool) or not isinstance(vib_dim, int) or vib_dim < 1:
+        if isinstance(vib_dim, bool) or not isinstance(vib_dim, numbers.Integral) or vib_dim < 1:
             raise ValueError(f'vib_dim (the latent size r per head) must be an integer >= 1, got {vib_dim!r}')
+        vib_dim = int(vib_dim)  # numpy integers too; get_config holds a plain int
+        if isinstance(vib_hidden, numbers.Integral) and not isinstance(vib_hidden, bool):
+            vib_hidden = int(vib_hidden)
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
         self.image_size = _as_pair(image_size, 'image_size')

@@ -202,3 +202,15 @@ def test_backend_default_and_never_override(tmp_path, monkeypatch):
     assert 'KERAS_BACKEND' not in os.environ
     (tmp_path / 'keras.json').write_text('{"backend": "tensorflow"}')
     assert not keras_vib._keras_json_backend()
+
+
+def test_numpy_integers_are_integers_and_flags_are_not_betas():
+    """vib_dim from a numpy array (np.int64) is an integer like timm's; beta=True or '2' is a mistake."""
+    m = vit_tiny_vib(**dict(SMALL, vib_dim=np.int64(8), vib_hidden=np.int32(4)))
+    cfg = m.get_config()
+    assert cfg['vib_dim'] == 8 and type(cfg['vib_dim']) is int and type(cfg['vib_hidden']) is int
+    assert ops.convert_to_numpy(m(images())).shape == (2, 5)
+    for bad in (True, '2', np.bool_(True)):
+        with pytest.raises(ValueError, match='beta must be a number'):
+            vit_tiny_vib(**dict(SMALL, beta=bad))
+    assert vit_tiny_vib(**dict(SMALL, beta=np.float32(0.5))).beta == 0.5
