@@ -81,7 +81,11 @@ def test_demo_reuses_finished_runs(demo, capsys):
     targs.beta = None
     assert _reusable(out, targs)
     targs.epochs = 7  # other settings: refuse to reuse silently
-    with pytest.raises(ValueError, match='other settings'):
+    with pytest.raises(ValueError, match='other settings.*--epochs'):
+        _reusable(out, targs)
+    # every training option counts, not only a list of the demo's own
+    targs.epochs, targs.weight_decay = s['epochs'], 0.01
+    with pytest.raises(ValueError, match='--weight-decay'):
         _reusable(out, targs)
 
 

@@ -7,7 +7,6 @@ reused. ``--seeds 0,1,2`` trains the spectrum once per seed (the report shows me
 ``--jobs N`` trains N runs at a time, one process each, the ``--threads`` divided between them.
 """
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -31,9 +30,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                      beta_warmup_epochs=0, stochastic_eval=2, max_train_samples=256, max_val_samples=64, max_images=64,
                      nmi_samples=2000, seeds='0', jobs=1),
 }
-# run arguments that must match for a finished run to be reused
-_SAME = ('model_kwargs', 'epochs', 'lr', 'batch_size', 'data', 'beta', 'max_train_samples', 'max_val_samples',
-         'warmup_epochs', 'beta_warmup_epochs', 'seed', 'kl_reduction', 'stochastic_eval', 'eval_z')
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -101,14 +97,14 @@ def _train_argv(s: Dict[str, Any], args: argparse.Namespace, model: str, out: Pa
 
 
 def _reusable(out: Path, targs: argparse.Namespace) -> bool:
-    """True if ``out`` holds a finished run with the same settings; ValueError if it holds another run."""
+    """True if ``out`` holds a finished run with the same training options (every one ``--resume``
+    compares); ValueError naming the differences if it holds another run."""
     if not (out / 'summary.json').is_file():
         return False
-    old = json.loads((out / 'run_config.json').read_text())['args']
-    new = {k: (dict(v) if k == 'model_kwargs' else v) for k, v in vars(targs).items()}
-    diff = [k for k in _SAME if json.dumps(old.get(k)) != json.dumps(new.get(k))]
+    from .training import run_differences
+    diff = run_differences(out, targs)
     if diff:
-        raise ValueError(f'{out} holds a finished run with other settings ({", ".join(diff)}): '
+        raise ValueError(f'{out} holds a finished run with other settings ({"; ".join(diff)}): '
                          'pass another --output or delete it')
     return True
 

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import command
-from .files import atomic_write_json
 from .checkpoints import remove_temporaries, write_manifest
 from .files import apply_umask, atomic_write_json, atomic_write_text, json_line
 from .information import KL_REDUCTIONS, information_loss, information_per_sample
@@ -438,16 +437,17 @@ _FREE_ON_RESUME = ('output', 'resume', 'checkpoint_every', 'keep_checkpoints', '
                    'no_progress', 'num_workers', 'kill_at_step')
 
 
-def _check_same_run(out: Path, args: argparse.Namespace) -> None:
-    """ValueError listing the options in which ``args`` (resolved) differ from the run recorded in
-    ``out/run_config.json`` (options it does not record count as their defaults)."""
+def run_differences(out: Path, args: argparse.Namespace) -> List[str]:
+    """The options in which ``args`` (resolved) differ from the run recorded in ``out/run_config.json``,
+    as '--name X (run) vs Y (now)' (options it does not record count as their defaults); [] if none or
+    if there is no record. ValueError if the record is corrupt."""
     path = out / 'run_config.json'
     if not path.is_file():
-        return
+        return []
     try:
         old = json.loads(path.read_text())['args']
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f'{path} is corrupt ({e}): cannot tell whether --resume continues the same run') from None
+        raise ValueError(f'{path} is corrupt ({e}): cannot tell whether it holds the same run') from None
     defaults = vars(parse_args([]))
     new = {k: dict(v) if k == 'model_kwargs' else v for k, v in vars(args).items()}
     diff = []
@@ -459,6 +459,12 @@ def _check_same_run(out: Path, args: argparse.Namespace) -> None:
             was, now = dict(was or {}), dict(now or {})
         if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
             diff.append(f'--{key.replace("_", "-")} {was!r} (run) vs {now!r} (now)')
+    return diff
+
+
+def _check_same_run(out: Path, args: argparse.Namespace) -> None:
+    """ValueError listing the options in which ``args`` differ from the run in ``out``."""
+    diff = run_differences(out, args)
     if diff:
         raise ValueError(f'--resume with arguments that differ from the run in {out}: {"; ".join(diff)}. Resume with '
                          'the same arguments, or train into another --output')
