@@ -2,7 +2,7 @@
 import io
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import matplotlib
 
@@ -56,12 +56,16 @@ def seed_stats(values: Sequence[float]) -> tuple:
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
 
 
-def group_by_position(summaries: Sequence[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
-    """Summaries grouped by their place on the spectrum (attention mode, beta): one group per model,
-    holding its runs over seeds, in the order first met."""
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
-    for s in summaries:
-        groups.setdefault((s.get('attn_mode'), float(s.get('beta') or 0.0)), []).append(s)
+def _position(summary: Dict[str, Any]) -> tuple:
+    return summary.get('attn_mode'), float(summary.get('beta') or 0.0)
+
+
+def group_by_position(items: Sequence[Any], key: Callable[[Any], tuple] = _position) -> List[List[Any]]:
+    """Items (run summaries, or whatever ``key`` reads) grouped by their place on the spectrum
+    (attention mode, beta): one group per model, holding its runs over seeds, in the order first met."""
+    groups: Dict[tuple, List[Any]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
     return list(groups.values())
 
 

@@ -3,12 +3,13 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
 __all__ = ['atomic_write', 'atomic_write_json', 'atomic_write_text', 'umask_mode', 'apply_umask', 'finite_or_null',
-           'json_line']
+           'json_line', 'staging_folder', 'move_into']
 
 PathLike = Union[str, os.PathLike]
 
@@ -90,3 +91,27 @@ def atomic_write_json(path: PathLike, obj: Any, **dump_kwargs: Any) -> None:
     """Write ``obj`` as valid JSON (non-finite numbers as null), atomically."""
     dump_kwargs.setdefault('indent', 2)
     atomic_write_text(path, json.dumps(finite_or_null(obj), allow_nan=False, **dump_kwargs) + '\n')
+
+
+@contextlib.contextmanager
+def staging_folder(folder: PathLike, prefix: str) -> Iterator[Path]:
+    """A fresh folder inside ``folder`` (created if needed) to write a set of files into before
+    :func:`move_into` renames them into place; removed on exit, whatever happened. Staging folders
+    under ``prefix`` that a killed process left are removed first."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f'{prefix}*'):
+        shutil.rmtree(old, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_into(staging: PathLike, folder: PathLike, last: str) -> None:
+    """Rename every file of ``staging`` into ``folder`` (same file system: each rename is atomic), the
+    file named ``last`` last, each with the mode of an ordinary new file."""
+    for p in sorted(Path(staging).iterdir(), key=lambda p: p.name == last):
+        apply_umask(p)
+        os.replace(p, Path(folder) / p.name)

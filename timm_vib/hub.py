@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import socket
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -22,9 +21,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, copy_model, read_config
 from .errors import command
-from .files import apply_umask
+from .files import move_into, staging_folder
 from .figures import plot_accuracy_vs_information
-from .runs import RUN_FILES, find_runs, read_json as _read_json
+from .runs import RUN_FILES, find_runs, is_finished, read_json as _read_json, read_summary
 from .vision_transformer_vib import name_for_beta
 
 __all__ = ['export', 'push', 'push_sweep', 'build_card', 'repo_name', 'HubUnreachableError', 'FIGURE_NAME']
@@ -40,14 +39,11 @@ class HubUnreachableError(ConnectionError):
 def _check_run(run_dir: Path) -> Dict[str, Any]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f'run folder {run_dir} does not exist')
-    if not (run_dir / 'summary.json').is_file():
-        raise FileNotFoundError(
-            f'{run_dir} has no summary.json: the run is not finished (or this is not a run folder)')
+    summary = read_summary(run_dir)
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f'{run_dir} has no {name}: the run did not write its final weights')
     read_config(run_dir)
-    summary = _read_json(run_dir / 'summary.json')
     top1 = summary.get('val_top1')
     if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1):
         raise ValueError(f'{run_dir / "summary.json"} has no finite val_top1 ({top1!r}): the run diverged or the file '
@@ -185,11 +181,7 @@ def export(run_dir: PathLike, folder: PathLike, repo_id: Optional[str] = None, o
     repo_id = repo_id or f"{os.environ.get('TIMM_VIB_HUB_NAMESPACE', 'timm-vib')}/{summary.get('model', read_config(run_dir)['architecture'])}"
     _check_destination(run_dir, folder, overwrite)
     load_model(run_dir)  # the weights load into the recorded architecture, or a clear error before any write
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob(f'{STAGING_PREFIX}*'):  # left by an export that was killed
-        shutil.rmtree(old, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
-    try:
+    with staging_folder(folder, STAGING_PREFIX) as staging:
         copy_model(run_dir, staging)
         for name in RUN_FILES:
             if (run_dir / name).is_file():
@@ -204,14 +196,10 @@ def export(run_dir: PathLike, folder: PathLike, repo_id: Optional[str] = None, o
         build_card(run_dir, repo_id, figure=figure).save(staging / 'README.md')
         written = {p.name for p in staging.iterdir()}
         # the weights last: until then an earlier export's files still describe its weights
-        for name in sorted(written, key=lambda n: n == WEIGHTS_NAME):
-            apply_umask(staging / name)
-            os.replace(staging / name, folder / name)
+        move_into(staging, folder, last=WEIGHTS_NAME)
         for name in set(EXPORT_FILES) - written:  # e.g. the figure of a sweep this run no longer sits in
             if (folder / name).is_file():
                 (folder / name).unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -321,7 +309,7 @@ def _cmd_export(args: Any) -> None:
 
 
 def _cmd_push(args: Any) -> None:
-    if (Path(args.run_dir) / 'summary.json').is_file():
+    if is_finished(args.run_dir):
         if not args.repo_id:
             raise ValueError('--repo-id ORG/NAME is required to push one run')
         out = [push(args.run_dir, args.repo_id, folder=args.folder, dry_run=args.dry_run, private=args.private,

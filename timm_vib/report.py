@@ -9,8 +9,6 @@ import html
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -18,8 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .figures import beta_colors, model_label, plot_accuracy_vs_information, plt, save_figure, seed_stats
-from .files import apply_umask, atomic_write_json, atomic_write_text
+from .figures import beta_colors, group_by_position, model_label, plot_accuracy_vs_information, plt, save_figure, seed_stats
+from .files import atomic_write_json, atomic_write_text, move_into, staging_folder
 
 __all__ = ['Run', 'load_runs', 'analyze', 'fmt_top1', 'fmt_nats', 'head_label', 'FIGURES']
 
@@ -89,10 +87,7 @@ def _order(run: Run) -> Tuple[int, float, int]:
 
 def seed_groups(runs: Sequence[Run]) -> List[List[Run]]:
     """Runs grouped by model along the spectrum (mode, beta), each group its runs over seeds."""
-    groups: Dict[Tuple[str, float], List[Run]] = {}
-    for r in sorted(runs, key=_order):
-        groups.setdefault((r.mode, r.beta), []).append(r)
-    return list(groups.values())
+    return group_by_position(sorted(runs, key=_order), key=lambda r: (r.mode, r.beta))
 
 
 def load_runs(run_dirs: Sequence[PathLike]) -> List[Run]:
@@ -377,10 +372,15 @@ def fig_repetition(runs: List[Run], ds, path: Path, n_patches: int = 256, max_he
     copies = _copies(G)
     fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads), 3.3), squeeze=False, layout='constrained')
     parts = []
+    probes = {}  # one probe per run, of all its heads: the same passes and copy locations as one per head
+    for r, _ in heads:
+        if r.dir not in probes:
+            lhs = [lh for rr, lh in heads if rr.dir == r.dir]
+            probes[r.dir] = lhs, repetition_probe(r.model(), x, patches, lhs, copies, seed=seed)
     for j, (r, (layer, head)) in enumerate(heads):
-        m = r.model()
-        probe = repetition_probe(m, x, patches, [(layer, head)], copies, seed=seed)
-        shift, mu0 = probe.shift[:, :, 0], probe.mu0[:, 0]  # [P, copies, r], [P, r]
+        lhs, probe = probes[r.dir]
+        k = lhs.index((layer, head))
+        shift, mu0 = probe.shift[:, :, k], probe.mu0[:, k]  # [P, copies, r], [P, r]
         dim = int(mu0.var(0).argmax())  # the head's most used latent dimension
         ax = axes[0, j]
         cm = plt.get_cmap('plasma')
@@ -481,7 +481,6 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
     cross = [(float(val[a, b]), a, b) for a in range(K) for b in range(a + 1, K)
              if heads[a][0] is not heads[b][0] and not math.isnan(float(val[a, b]))]
     best = sorted(cross, reverse=True)[:3]
-    txt = '; '.join(f'{names[a]} ~ {names[b]}: {v:.2f}±{float(se[a, b]):.2f}' for v, a, b in best)
     info = ', '.join(f'{n}: {float(res.information[i]):.3g}' for n, i in zip(names, ok))
     if dropped:
         info += f" (left out, I(U;U') below 0.001 nats or not resolved by the samples: {', '.join(dropped)})"
@@ -492,8 +491,8 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
         pairs_txt = [f'{names[a]} ~ {names[b]}: {float(val[a, b]):.2f}' for ai, a in enumerate(first) for b in first[ai + 1:]]
         if pairs_txt:
             best = [x for x in best if not (x[1] in first and x[2] in first)]
-            txt = '; '.join(f'{names[a]} ~ {names[b]}: {v:.2f}±{float(se[a, b]):.2f}' for v, a, b in best)
             info += f". Across seeds, the most restricted model's most informative head: {'; '.join(pairs_txt)}"
+    txt = '; '.join(f'{names[a]} ~ {names[b]}: {v:.2f}±{float(se[a, b]):.2f}' for v, a, b in best)
     return (f'Normalised mutual information between {K} active heads (the most informative of the most restricted '
             f'models whose information the {n_samples} samples resolve) over {len(pts)} '
             f'patches; I(X;U) in nats: {info}. ' + (f'Most similar heads across models: {txt}.' if best else
@@ -655,20 +654,12 @@ def analyze(
     final = Path(out)
     if final.exists() and not final.is_dir():
         raise ValueError(f'report folder {final} exists and is not a folder')
-    final.mkdir(parents=True, exist_ok=True)
-    for old in final.glob(f'{STAGING_PREFIX}*'):  # left by an analysis that was killed
-        shutil.rmtree(old, ignore_errors=True)
     # the report is written into a staging folder and its files renamed into place at the end: an error
     # or a kill half-way leaves the previous report (or none), never a partial one
-    out = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=final))
-    try:
-        index = _analyze(all_runs, out, max_images, batch_size, kl_map_images, nmi_samples, nmi_points, probe_patches,
-                         device, progress)
-        for p in sorted(out.iterdir(), key=lambda p: p.name == index.name):  # the index last
-            apply_umask(p)
-            os.replace(p, final / p.name)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    with staging_folder(final, STAGING_PREFIX) as staging:
+        index = _analyze(all_runs, staging, max_images, batch_size, kl_map_images, nmi_samples, nmi_points,
+                         probe_patches, device, progress)
+        move_into(staging, final, last=index.name)
     return final / index.name
 
 
