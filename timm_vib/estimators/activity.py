@@ -5,7 +5,6 @@ a :func:`capture` record; dataset functions take a model and a DataLoader and st
 keeping counts, maxima or a running top-k (never the whole dataset). They run the model under
 :func:`eval_mode` (posterior means, no upstream noise) and leave its modes as they found them.
 """
-import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -62,12 +61,16 @@ def information_per_patch(kl: torch.Tensor) -> torch.Tensor:
     return kl.float().sum((1, 2))
 
 
+def _num_heads(block: nn.Module) -> int:
+    return block.attn.num_heads if hasattr(block, 'attn') else block.num_heads
+
+
 def check_layer_head(model: nn.Module, layer: int, head: int) -> None:
     """IndexError unless (layer, head) names a head of the model."""
     depth = len(model.blocks)
     if not -depth <= layer < depth:
         raise IndexError(f'layer {layer} out of range: the model has {depth} blocks')
-    heads = model.blocks[layer].attn.num_heads if hasattr(model.blocks[layer], 'attn') else model.blocks[layer].num_heads
+    heads = _num_heads(model.blocks[layer])
     if not -heads <= head < heads:
         raise IndexError(f'head {head} out of range: layer {layer} has {heads} heads')
 

@@ -30,9 +30,14 @@ def num_prefix_tokens(model: nn.Module) -> int:
     return int(getattr(model, 'num_prefix_tokens', 0))
 
 
+def attention_blocks(model: nn.Module) -> List[nn.Module]:
+    """The blocks with a query-key-value attention, in depth order (empty for attention-free models)."""
+    return [blk for blk in model.blocks if hasattr(blk, 'attn') and hasattr(blk.attn, 'qkv')]
+
+
 def attention_modules(model: nn.Module) -> List[nn.Module]:
     """The attention module of every block, in depth order (empty for attention-free models)."""
-    return [blk.attn for blk in model.blocks if hasattr(blk, 'attn') and hasattr(getattr(blk, 'attn'), 'qkv')]
+    return [blk.attn for blk in attention_blocks(model)]
 
 
 def attention_maps(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +202,7 @@ def capture(model: nn.Module, attention: bool = False, inputs: bool = False, det
         if attention or inputs:
             # the attention's input is its block's norm1 output (hooked there: forward_kl, the return_kl
             # path, calls the attention's computation without going through its module call)
-            norms = [blk.norm1 for blk in model.blocks if hasattr(blk, 'attn') and hasattr(blk.attn, 'qkv')]
+            norms = [blk.norm1 for blk in attention_blocks(model)]
             if not norms:
                 raise ValueError('this model has no attention modules (attention-free blocks): nothing to capture')
             handles += [n.register_forward_hook(partial(on_attn_input, i)) for i, n in enumerate(norms)]

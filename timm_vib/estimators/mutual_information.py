@@ -26,7 +26,7 @@ draws per head, for I(U;U')) and K(K-1)/2 block additions.
 import math
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 

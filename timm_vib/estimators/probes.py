@@ -5,12 +5,12 @@ mean at the original patch moves: mu_aug - mu_0. Heads that detect repetition sh
 grows (4, 16, 64 in the paper).
 """
 import numbers
-from typing import Iterable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .activity import _device, _need_bottleneck, check_layer_head
+from .activity import _device, _need_bottleneck, _num_heads, check_layer_head
 from .capture import capture, eval_mode, grid_size, num_prefix_tokens
 
 __all__ = ['copy_patch', 'repetition_probe', 'RepetitionProbe']
@@ -22,10 +22,6 @@ def _patch_indices(patches) -> torch.Tensor:
     if patches.dtype == torch.bool or (patches.is_floating_point() and not torch.equal(patches, patches.round())):
         raise ValueError(f'patch indices must be integers, got {patches.tolist()}')
     return patches.long()
-
-
-def _num_heads(block: nn.Module) -> int:
-    return block.attn.num_heads if hasattr(block, 'attn') else block.num_heads
 
 
 def _patch_size(model: nn.Module) -> Tuple[int, int]:

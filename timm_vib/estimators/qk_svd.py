@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .activity import _device, _images
-from .capture import attention_modules, capture, eval_mode, grid_size, num_prefix_tokens
+from .capture import attention_blocks, attention_modules, capture, eval_mode, grid_size, num_prefix_tokens
 
 __all__ = ['QKSVD', 'qk_svd', 'qk_maps', 'optimal_attention_images']
 
@@ -87,7 +87,7 @@ def _qk_weights(model: nn.Module, fold_norm_scale: bool) -> Tuple[torch.Tensor, 
     if not attns:
         raise ValueError('this model has no attention (attention-free blocks): there is no query-key matrix')
     wq, wk = [], []
-    for blk, a in zip([b for b in model.blocks if hasattr(b, 'attn')], attns):
+    for blk, a in zip(attention_blocks(model), attns):
         H, D = a.num_heads, a.head_dim
         w = a.qkv.weight.detach().to(torch.float64)
         C = w.shape[1]
@@ -125,7 +125,7 @@ def _map_tokens(model: nn.Module, svd: QKSVD, layer: int, tokens: torch.Tensor) 
     the modes, the normalised tokens before norm1's gain and bias, (norm1(x) - b) / g."""
     if not svd.norm_scale_folded:
         return tokens
-    norm = [b for b in model.blocks if hasattr(b, 'attn') and hasattr(b.attn, 'qkv')][layer].norm1
+    norm = attention_blocks(model)[layer].norm1
     g, b = getattr(norm, 'weight', None), getattr(norm, 'bias', None)
     if g is None:
         return tokens
