@@ -209,6 +209,16 @@ def test_training_refuses_an_image_the_default_patch_does_not_tile(tmp_path):
         training.train(args)
 
 
+def test_training_checks_the_patch_grid_as_the_model_does(tmp_path):
+    """Refused before any data is read when the patches do not tile the image; accepted, as by the
+    model, when the model pads the image to the patch grid."""
+    argv = ['--model', 'vit_tiny_vib_b1', '--output', str(tmp_path / 'r'), '--model-kwargs', 'img_size=18', 'patch_size=4']
+    with pytest.raises(ValueError, match='18x18 is not a multiple of patch_size 4x4'):
+        training._resolve(training.parse_args(argv))
+    _, _, img_size = training._resolve(training.parse_args(argv + ['dynamic_img_pad=True']))
+    assert img_size == 18
+
+
 def test_missing_pretrained_weights_say_where_weights_come_from(tmp_path):
     code = ('import timm, timm_vib\n'
             'try:\n'

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import command
-from .checkpoints import remove_temporaries, write_manifest
-from .files import apply_umask, atomic_write_json, atomic_write_text, json_line
+from .checkpoints import TRAIN_STATE_NAME, remove_temporaries, verify_checkpoint, write_manifest
+from .files import apply_umask, atomic_write_json
 from .information import KL_REDUCTIONS, information_loss, information_per_sample
 from .runs import METRICS, RUN_CONFIG, SUMMARY, append_metrics, read_metrics, truncate_metrics
+from .vision_transformer_vib import check_patch_grid
 
 __all__ = ['add_train_args', 'parse_args', 'to_argv', 'train', 'evaluate', 'Checkpoints', 'build_model',
            'register_cli', 'ACTIVE_KL']
@@ -326,12 +327,11 @@ class Checkpoints:
     def list(self) -> List[Path]:
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.glob('ckpt-*') if (p / 'train_state.json').is_file())
+        return sorted(p for p in self.folder.glob('ckpt-*') if (p / TRAIN_STATE_NAME).is_file())
 
     def latest(self) -> Optional[Path]:
         """The newest intact checkpoint (see ``verify_checkpoint``); damaged newer ones are skipped with
         a warning naming them. None if there is none; ValueError naming the damage if none is intact."""
-        from .checkpoints import verify_checkpoint
         skipped = []
         for path in reversed(self.list()):
             try:
@@ -357,7 +357,7 @@ class Checkpoints:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            atomic_write_json(tmp / 'train_state.json', state)
+            atomic_write_json(tmp / TRAIN_STATE_NAME, state)
             apply_umask(tmp)  # Accelerate writes the weights 0600
             write_manifest(tmp)  # last: a checkpoint with a manifest is complete
             if final.exists():  # same position saved again: move the old one aside first
@@ -375,7 +375,6 @@ class Checkpoints:
     def load(self, path: Path) -> Dict[str, Any]:
         """Restore the Accelerate states of checkpoint ``path``; returns its train state. The checkpoint
         is verified first: a damaged one is a ValueError naming the file, not a traceback from torch."""
-        from .checkpoints import verify_checkpoint
         state = verify_checkpoint(path)
         try:
             self.accelerator.load_state(str(path))
@@ -437,11 +436,16 @@ _FREE_ON_RESUME = ('output', 'resume', 'checkpoint_every', 'keep_checkpoints', '
                    'no_progress', 'num_workers', 'kill_at_step')
 
 
+def _recorded_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The arguments as run_config.json records them (model kwargs as a dict, no test-only options)."""
+    return {k: dict(v) if k == 'model_kwargs' else v for k, v in vars(args).items() if k not in ('kill_at_step', 'func')}
+
+
 def run_differences(out: Path, args: argparse.Namespace) -> List[str]:
     """The options in which ``args`` (resolved) differ from the run recorded in ``out/run_config.json``,
     as '--name X (run) vs Y (now)' (options it does not record count as their defaults); [] if none or
     if there is no record. ValueError if the record is corrupt."""
-    path = out / 'run_config.json'
+    path = out / RUN_CONFIG
     if not path.is_file():
         return []
     try:
@@ -449,7 +453,7 @@ def run_differences(out: Path, args: argparse.Namespace) -> List[str]:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f'{path} is corrupt ({e}): cannot tell whether it holds the same run') from None
     defaults = vars(parse_args([]))
-    new = {k: dict(v) if k == 'model_kwargs' else v for k, v in vars(args).items()}
+    new = _recorded_args(args)
     diff = []
     for key in defaults:
         if key in _FREE_ON_RESUME:
@@ -474,8 +478,7 @@ def _run_config(args, accelerator, spec, arch: str, model_args: Dict[str, Any], 
                 img_size: int, updates_per_epoch: int, beta_warmup_updates: int) -> Dict[str, Any]:
     """run_config.json: every choice of the run."""
     return {
-        'args': {k: dict(v) if k == 'model_kwargs' else v for k, v in vars(args).items()
-                 if k not in ('kill_at_step', 'func')},
+        'args': _recorded_args(args),
         'model': args.model, 'architecture': arch, 'model_kwargs': model_args, 'beta': beta, 'attn_mode': attn_mode,
         'kl_reduction': args.kl_reduction, 'beta_warmup_epochs': args.beta_warmup_epochs,
         'beta_schedule': args.beta_schedule, 'beta_warmup_updates': beta_warmup_updates,
@@ -542,9 +545,8 @@ def _resolve(args: argparse.Namespace) -> Tuple[argparse.Namespace, Path, int]:
         raise ValueError(f'{out} holds an unfinished run: pass --resume to continue it, or choose another --output')
     model_kwargs = dict(args.model_kwargs)
     img_size = int(model_kwargs.get('img_size', _default_img_size(args.model)))
-    patch = model_kwargs.get('patch_size')
-    if patch is not None and img_size % int(patch):
-        raise ValueError(f'img_size {img_size} is not a multiple of patch_size {patch}: the patch grid must divide the image')
+    if 'patch_size' in model_kwargs:  # the model's own check, before any data is read
+        check_patch_grid(dict(model_kwargs, img_size=img_size))
     return args, out, img_size
 
 
@@ -575,7 +577,7 @@ def _resume(args, accelerator, ckpts: 'Checkpoints', out: Path, config: Dict[str
         resume_from = ckpts.latest() if args.resume == 'latest' else Path(args.resume)
         if resume_from is None:
             accelerator.print(f'no checkpoint in {ckpts.folder}: starting {out} from scratch')
-        elif not (resume_from / 'train_state.json').is_file():
+        elif not (resume_from / TRAIN_STATE_NAME).is_file():
             raise FileNotFoundError(f'{resume_from} is not a checkpoint of this trainer (no train_state.json)')
     if resume_from is not None:
         state = ckpts.load(resume_from)

@@ -79,7 +79,7 @@ def _check_vib_hidden(vib_hidden: int) -> int:
     return int(vib_hidden)
 
 
-def _check_patch_grid(kwargs: Dict[str, Any]) -> None:
+def check_patch_grid(kwargs: Dict[str, Any]) -> None:
     """The patches must tile the image: timm's patch embedding would silently drop the remainder
     (a 28 px image with 16 px patches is one patch of its top-left corner)."""
     if kwargs.get('dynamic_img_pad'):
@@ -813,7 +813,7 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
         beta = _check_beta(beta)
         vib_dim = _check_vib_dim(vib_dim)
         vib_hidden = _check_vib_hidden(vib_hidden)
-        _check_patch_grid(kwargs)
+        check_patch_grid(kwargs)
         if attn_mode == 'vib':
             if 'block_fn' in kwargs:
                 raise ValueError('block_fn is set by attn_mode; use timm_vib.vibify for other block types')
