@@ -6,8 +6,6 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .errors import command  # noqa: F401  (the sub-commands' error wrapper, re-exported)
-
 
 def _tour(args: argparse.Namespace) -> int:
     """Build every registered model, run a batch, print its size and the nats its heads send."""

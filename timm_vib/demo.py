@@ -99,9 +99,10 @@ def _train_argv(s: Dict[str, Any], args: argparse.Namespace, model: str, out: Pa
 def _reusable(out: Path, targs: argparse.Namespace) -> bool:
     """True if ``out`` holds a finished run with the same training options (every one ``--resume``
     compares); ValueError naming the differences if it holds another run."""
-    if not (out / 'summary.json').is_file():
-        return False
+    from .runs import is_finished
     from .training import run_differences
+    if not is_finished(out):
+        return False
     diff = run_differences(out, targs)
     if diff:
         raise ValueError(f'{out} holds a finished run with other settings ({"; ".join(diff)}): '
@@ -143,7 +144,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     from rich.console import Console
     from . import training
     from .report import analyze
-    from .sweep import SweepError, parse_betas, parse_seeds, plan_runs, run_local
+    from .sweep import parse_betas, parse_seeds, plan_runs, run_local, runs_failed
     console = Console()
     s = _settings(args)
     if s['jobs'] < 1:
@@ -177,8 +178,7 @@ def run_demo(args: argparse.Namespace) -> Path:
         console.rule(f'training {len(todo)} runs, {s["jobs"]} at a time (logs in {root / "runs" / "logs"})')
         failed = run_local(todo, root / 'runs', s['jobs'], args.threads, print_fn=console.print)
         if failed:
-            raise SweepError(f'{len(failed)} runs failed (rerun the same command to resume them): '
-                             + '; '.join(f'{r.folder}: {why}' for r, why in failed))
+            raise runs_failed(failed, len(todo))
     runs = [root / 'runs' / r.folder for r in plan]
     console.rule(f'[{len(todo) + 1}/{len(todo) + 1}] report')
     index = analyze(runs, root / 'report', max_images=s['max_images'], nmi_samples=s['nmi_samples'],

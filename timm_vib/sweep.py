@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import command
 from .files import atomic_write_json, atomic_write_text
-from .runs import find_runs, is_finished, read_json, read_metrics, seed_folder
+from .runs import RUN_CONFIG, find_runs, is_finished, read_json, read_metrics, seed_folder
 
 __all__ = ['SweepRun', 'SweepError', 'LAUNCHERS', 'sweep_model_name', 'plan_runs', 'parse_seeds', 'add_sweep_args',
            'run_sweep', 'run_local', 'sweep_table', 'sweep_status', 'threads_per_job', 'register_cli']
@@ -144,9 +144,8 @@ def _check_sweep_args(args: argparse.Namespace) -> None:
 
 def _run_args(args: argparse.Namespace, root: Path, run: SweepRun) -> argparse.Namespace:
     """The training arguments of one run: the sweep's, with its model, beta, seed and folder."""
-    from .training import add_train_args
-    keys = vars(add_train_args(argparse.ArgumentParser()).parse_args([])).keys()
-    a = argparse.Namespace(**{k: copy.copy(getattr(args, k)) for k in keys})
+    from .training import parse_args
+    a = argparse.Namespace(**{k: copy.copy(getattr(args, k)) for k in vars(parse_args([]))})
     a.model, a.beta, a.seed, a.output, a.resume = run.model, run.beta, run.seed, str(root / run.folder), 'latest'
     return a
 
@@ -363,8 +362,8 @@ def _state(root: Path, run: SweepRun, records: Dict[str, Any]) -> Dict[str, Any]
     d = root / run.folder
     rows = read_metrics(d)
     epochs = None
-    if (d / 'run_config.json').is_file():
-        epochs = read_json(d / 'run_config.json')['args'].get('epochs')
+    if (d / RUN_CONFIG).is_file():
+        epochs = read_json(d / RUN_CONFIG)['args'].get('epochs')
     if is_finished(d):
         state = 'finished'
     elif rows or (d / 'checkpoints').is_dir():
@@ -372,17 +371,18 @@ def _state(root: Path, run: SweepRun, records: Dict[str, Any]) -> Dict[str, Any]
     else:
         state = 'not started'
     rec = records.get(run.folder)
+    local_log = _log_path(root, run)
+    local_log = local_log if local_log.is_file() else None
     pid = local_pid(root, run) if state != 'finished' else None
     if pid is not None:
-        log = _log_path(root, run)
-        state, rec = 'running', {'job_id': f'pid {pid}', 'log': str(log) if log.is_file() else None}
+        state, rec = 'running', {'job_id': f'pid {pid}', 'log': local_log and str(local_log)}
     elif rec and state != 'finished' and _job_active(rec, root):
         state = 'running' if rows or state == 'unfinished' else 'queued'
     last = rows[-1] if rows else {}
+    log = rec.get('log') if rec else local_log
     return {'run': run.folder, 'seed': run.seed, 'state': state, 'epoch': last.get('epoch', 0), 'epochs': epochs,
             'val_top1': last.get('val_top1'), 'nats_per_image': last.get('nats_per_image'),
-            'job': rec.get('job_id') if rec else None, 'log': (_relative(rec['log'], root) if rec.get('log') else None) if rec else
-            (_relative(_log_path(root, run), root) if _log_path(root, run).is_file() else None)}
+            'job': rec.get('job_id') if rec else None, 'log': _relative(log, root) if log else None}
 
 
 def _relative(path, root: Path) -> str:
@@ -415,7 +415,8 @@ def sweep_table(root: Path) -> List[Dict[str, Any]]:
     """Write ``sweep.json`` and ``sweep.md`` (one row per finished run, with its seed); returns the rows."""
     from .report import load_runs
     table = []
-    for r in load_runs([root]) if find_runs(root) else []:
+    finished = find_runs(root)
+    for r in load_runs(finished) if finished else []:
         s = r.summary
         table.append({'run': str(r.dir.relative_to(root)), 'seed': s.get('seed'), 'model': s['model'], 'beta': s['beta'],
                       'attn_mode': s['attn_mode'], 'val_top1': s['val_top1'], 'val_top5': s['val_top5'],
@@ -471,9 +472,14 @@ def run_sweep(args: argparse.Namespace) -> List[Path]:
         if table:
             print((root / 'sweep.md').read_text(), end='')
     if failed:
-        raise SweepError(f'{len(failed)} of {len(todo)} runs failed (rerun the same command to resume them): '
-                         + '; '.join(f'{r.folder}: {why}' for r, why in failed))
+        raise runs_failed(failed, len(todo))
     return [root / r.folder for r in plan]
+
+
+def runs_failed(failed: Sequence[Tuple[SweepRun, str]], total: int) -> SweepError:
+    """The error that ends a sweep (or the demo) some of whose ``total`` runs failed, naming each."""
+    return SweepError(f'{len(failed)} of {total} runs failed (rerun the same command to resume them): '
+                      + '; '.join(f'{r.folder}: {why}' for r, why in failed))
 
 
 def _is_distributed() -> bool:
