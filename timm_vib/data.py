@@ -45,6 +45,9 @@ __all__ = [
 
 BUILTIN = ('digits', 'fashion-mnist')
 GREY_MEAN, GREY_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+# photographs (image folders, timm's named datasets): ImageNet statistics, crop and augmentation
+_PHOTO_EVAL = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 0.875, 'bicubic')  # mean, std, crop_pct, interpolation
+_PHOTO_AUG = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, auto_augment='rand-m9-n2')
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist', '/usr/share/dataset-fashion-mnist')
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
@@ -338,8 +341,7 @@ def build_datasets(
         bases, classes = {}, None
         for s in splits:
             bases[s], classes = _timm_dataset(data, s)
-        mean, std, crop_pct, interp = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 0.875, 'bicubic'
-        aug = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, auto_augment='rand-m9-n2')
+        (mean, std, crop_pct, interp), aug = _PHOTO_EVAL, dict(_PHOTO_AUG)
         name = data
     elif kind == 'folder':
         root = Path(folder)
@@ -350,8 +352,7 @@ def build_datasets(
         bases, classes = {}, None
         for s in splits:
             bases[s], classes = _folder(root, s, ids)
-        mean, std, crop_pct, interp = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 0.875, 'bicubic'
-        aug = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, auto_augment='rand-m9-n2')
+        (mean, std, crop_pct, interp), aug = _PHOTO_EVAL, dict(_PHOTO_AUG)
         name = str(root)
     else:
         if class_list:
