@@ -69,8 +69,9 @@ def main(argv=None) -> dict:
     import numpy as np
     import timm
     import torch
-    from timm.models._hub import save_for_hf
-    import timm_vib  # noqa: F401  (registers the models)
+    from timm.optim import create_optimizer_v2
+    import timm_vib
+    from timm_vib.checkpoints import save_model
     if keras.backend.backend() != 'torch':
         raise SystemExit(f'run this benchmark with KERAS_BACKEND unset or torch, not {keras.backend.backend()}')
     if args.threads:
@@ -97,12 +98,12 @@ def main(argv=None) -> dict:
         err = np.abs(keras.ops.convert_to_numpy(keras_infer()) - ref).max() / np.abs(ref).max()
 
     # training steps: the same loss and optimizer on both sides
-    opt = torch.optim.AdamW(tm.parameters(), lr=1e-4)
+    opt = create_optimizer_v2(tm, 'adamw', lr=1e-4, weight_decay=0.05)  # paper_optimizer's twin
 
     def timm_train():
         tm.train()
         logits, kl = tm(x, return_kl=True)
-        loss = torch.nn.functional.cross_entropy(logits, y) + tm.beta * kl.mean()
+        loss = torch.nn.functional.cross_entropy(logits, y) + tm.beta * timm_vib.information_loss(kl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -133,7 +134,7 @@ def main(argv=None) -> dict:
     if not args.no_jax:
         with tempfile.TemporaryDirectory() as tmp:
             tm.eval()
-            save_for_hf(tm, tmp, model_args=dict(img_size=args.image_size), safe_serialization=True)
+            save_model(tm, tmp, model_args=dict(img_size=args.image_size))
             env = {**os.environ, 'KERAS_BACKEND': 'jax', 'PYTHONPATH': os.pathsep.join(
                 [str(ROOT)] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else []))}
             r = subprocess.run([sys.executable, __file__, '--jax-worker', tmp, str(args.batch_size),
