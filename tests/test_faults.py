@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from timm_vib import information_loss, information_per_sample, training
 from timm_vib.checkpoints import MANIFEST_NAME, verify_checkpoint
 from timm_vib.estimators import mutual_information, qk_svd, repetition_probe
-from timm_vib.files import atomic_write_text
+from timm_vib.files import atomic_write_text, umask_mode
 from timm_vib.hub import export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +128,21 @@ def test_run_and_export_files_follow_the_umask(run, tmp_path):
     for p in [hub, *hub.rglob('*')]:
         assert stat.S_IMODE(p.stat().st_mode) == (0o750 if p.is_dir() else 0o640), p
     assert stat.S_IMODE((tmp_path / 'x.txt').stat().st_mode) == 0o640
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason='reading the umask without setting it needs Linux')
+def test_reading_the_umask_does_not_change_it(monkeypatch):
+    """Setting the umask for an instant to read it would give a file another thread creates then the wrong
+    mode (the sweep writes run markers from several threads); where Linux reports it, it is only read."""
+    old = os.umask(0o027)
+    try:
+        def no_setting(mask):
+            raise AssertionError('the umask was set to read it')
+        monkeypatch.setattr(os, 'umask', no_setting)
+        assert umask_mode() == 0o640 and umask_mode(directory=True) == 0o750
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
 
 
 # --- 6, 7: damaged checkpoints, temporary files -------------------------------------------------------

@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -14,10 +15,22 @@ __all__ = ['atomic_write', 'atomic_write_json', 'atomic_write_text', 'umask_mode
 PathLike = Union[str, os.PathLike]
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    # os.umask can only be read by setting it; set it straight back
-    mask = os.umask(0o022)
-    os.umask(mask)
+    # Linux reports the umask without changing it; os.umask can only read it by setting it, and a file
+    # another thread creates in that instant would get the temporary mask, so that path is the fallback
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
     return mask
 
 
