@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
+from timm_vib.figures import seed_stats  # noqa: E402
 from timm_vib.runs import is_finished, read_metrics, read_summary  # noqa: E402
 
 MODELS = [('no attention', 'vit_tiny_noattn'), ('beta 10', 'vit_tiny_vib_b10'), ('beta 1', 'vit_tiny_vib_b1'),
@@ -29,7 +30,8 @@ MODELS = [('no attention', 'vit_tiny_noattn'), ('beta 10', 'vit_tiny_vib_b10'), 
 def _mean_std(xs: List[float], fmt: str = '{:.1f}') -> str:
     if not xs:
         return '-'
-    return (fmt + ' ± ' + fmt).format(st.mean(xs), st.stdev(xs)) if len(xs) > 1 else fmt.format(xs[0])
+    mean, std = seed_stats(xs)
+    return fmt.format(mean) + ('' if std is None else ' ± ' + fmt.format(std))
 
 
 def main() -> None:
@@ -40,9 +42,12 @@ def main() -> None:
     p.add_argument('--extra', action='append', default=[], metavar='LABEL=RUN_DIR')
     args = p.parse_args()
     groups: List[Tuple[str, List[Path], str]] = [
-        (label, sorted(d for d in args.root.glob(f'seed*/{name}') if is_finished(d)), '--' if 'beta' not in label else '-')
-        for label, name in MODELS]
-    groups += [(e.split('=', 1)[0], [Path(e.split('=', 1)[1])], ':') for e in args.extra]
+        (label, sorted(d for d in args.root.glob(f'seed*/{name}') if is_finished(d)), '-') for label, name in MODELS]
+    for e in args.extra:
+        label, sep, run = e.partition('=')
+        if not sep or not is_finished(run):
+            p.error(f"--extra takes 'LABEL=RUN_DIR' naming a finished run, got {e!r}")
+        groups.append((label, [Path(run)], ':'))
     at = [int(e) for e in args.at.split(',')]
     print('| model | ' + ' | '.join(f'top-1 at epoch {e}' for e in at) + ' | top-1 at the end | nats / image (end) '
           '| active heads (end) | seeds |')
@@ -52,17 +57,19 @@ def main() -> None:
         if not dirs:
             continue
         summaries, curves = [read_summary(d) for d in dirs], [read_metrics(d) for d in dirs]
+        vib = summaries[0].get('attn_mode') == 'vib'  # the ends have no bottleneck: no nats, no heads
+        ls = ls if vib else '--'
         nats = [s['nats_per_image'] for s in summaries if s.get('nats_per_image') is not None]
         heads = [s['num_active_heads'] for s in summaries if s.get('num_active_heads') is not None]
         cells = [_mean_std([c[e - 1]['val_top1'] for c in curves]) for e in at]
-        cells += [_mean_std([s['val_top1'] for s in summaries]), _mean_std(nats, '{:.3g}') if 'beta' in label else '-',
+        cells += [_mean_std([s['val_top1'] for s in summaries]), _mean_std(nats, '{:.3g}') if vib else '-',
                   f'{st.mean(heads):.1f}/{summaries[0]["depth"] * summaries[0]["num_heads"]} '
-                  f'({", ".join(map(str, heads))})' if heads and 'beta' in label else '-', str(len(dirs))]
+                  f'({", ".join(map(str, heads))})' if vib else '-', str(len(dirs))]
         print(f'| {label} | ' + ' | '.join(cells) + ' |')
         n = min(len(c) for c in curves)
         epochs = range(1, n + 1)
         axes[0].plot(epochs, [st.mean(c[k]['val_top1'] for c in curves) for k in range(n)], ls, color=f'C{i}', label=label)
-        if 'beta' in label:
+        if vib:
             axes[1].semilogy(epochs, [max(st.mean(c[k]['nats_per_image'] for c in curves), 1e-4) for k in range(n)], ls,
                              color=f'C{i}', label=label)
     if args.figure:
