@@ -29,7 +29,7 @@ def test_figures_are_png_and_referenced(demo):
     report = demo / 'report'
     html = (report / 'index.html').read_text()
     md = (report / 'index.md').read_text()
-    assert len(FIGURES) == 9
+    assert len(FIGURES) == 10
     for name in FIGURES:
         path = report / f'{name}.png'
         assert path.is_file() and path.stat().st_size > 1000, name
@@ -54,11 +54,13 @@ def test_captions_and_table_match_the_runs(demo):
     captions = {c['file']: c['caption'] for c in json.loads((demo / 'report' / 'captions.json').read_text())['figures']}
     acc = captions['fig1_accuracy_vs_information.png']
     survival = captions['fig4_survival_active_heads.png']
+    curves = captions['fig10_learning_curves.png']
     md = (demo / 'report' / 'index.md').read_text()
     for r in runs:
         last = _last_metrics(r.dir)
         assert r.summary['val_top1'] == last['val_top1']
         assert f"{r.label}: {fmt_top1(last['val_top1'])}" in acc
+        assert f"{r.label} {fmt_top1(last['val_top1'])} at epoch {last['epoch']}" in curves  # one epoch: the end only
         assert fmt_top1(last['val_top1']) in md
         if r.mode == 'vib':
             assert f"{fmt_nats(last['nats_per_image'])} nats/image" in acc

@@ -60,3 +60,51 @@ def test_seeds_are_reported_as_mean_and_std(tmp_path):
     assert len(rows) == 4 and [r['seeds'] for r in rows] == ['0, 1'] * 4
     assert rows[1]['top-1'] == f'{fmt_top1(82.5)} ± {np.std([81, 84], ddof=1):.1f}'
     assert rows[1]['active heads'] == f'1.5 ± {np.std([1, 2], ddof=1):.2g} (1, 2)'
+
+
+def test_curve_stats_over_seeds():
+    """Per-epoch mean and std (ddof 1) over runs equal numpy's, over the epochs every run logged a finite value
+    for: a run that stopped early or skipped a value shortens the curve, never shifts it."""
+    import numpy as np
+    from timm_vib.figures import curve_stats
+    a = [{'epoch': e, 'val_top1': v} for e, v in zip(range(1, 6), (10., 20., 30., 40., 50.))]
+    b = [{'epoch': e, 'val_top1': v} for e, v in zip(range(1, 6), (12., None, 33., 41., 55.))]
+    c = [{'epoch': e, 'val_top1': v} for e, v in zip(range(1, 5), (11., 25., float('nan'), 43.))]
+    epochs, mean, sd = curve_stats([a, b, c])
+    assert epochs.tolist() == [1, 4]
+    np.testing.assert_allclose(mean, [np.mean([10, 12, 11]), np.mean([40, 41, 43])])
+    np.testing.assert_allclose(sd, [np.std([10, 12, 11], ddof=1), np.std([40, 41, 43], ddof=1)])
+    epochs, mean, sd = curve_stats([a])
+    assert epochs.tolist() == [1, 2, 3, 4, 5] and mean.tolist() == [10., 20., 30., 40., 50.] and sd is None
+    epochs, mean, sd = curve_stats([a, [{'epoch': 9, 'val_top1': 1.0}]])  # no epoch in common
+    assert len(epochs) == 0 and len(mean) == 0
+    with pytest.raises(ValueError, match='no runs'):
+        curve_stats([])
+
+
+def test_learning_curves_caption(tmp_path):
+    """The learning-curve caption gives each model's mean over seeds at the middle and the last epoch, read
+    from the runs' metrics.jsonl (not from their summaries), and how the bottlenecks were validated."""
+    import numpy as np
+    from timm_vib.figures import beta_colors
+    from timm_vib.report import fig_curves
+    curves = {('none', 0.0): [[5., 9., 20., 30.], [7., 9., 22., 34.]],
+              ('vib', 1.0): [[6., 12., 25., 40.], [8., 14., 27., 41.]],
+              ('plain', 0.0): [[9., 20., 35., 60.], [11., 21., 38., 62.]]}
+    for (mode, beta), per_seed in curves.items():
+        for seed, vals in enumerate(per_seed):
+            d = tmp_path / f'seed{seed}' / f'{mode}{beta:g}'
+            d.mkdir(parents=True)
+            d.joinpath('summary.json').write_text(json.dumps({
+                'model': f'{mode}{beta:g}', 'attn_mode': mode, 'beta': beta, 'seed': seed, 'val_top1': -1.0,
+                'eval_z': 'sample' if mode == 'vib' else None}))
+            d.joinpath('metrics.jsonl').write_text(
+                ''.join(json.dumps({'epoch': e + 1, 'val_top1': v}) + '\n' for e, v in enumerate(vals)))
+    runs = load_runs([tmp_path])
+    caption = fig_curves(runs, tmp_path / 'curves.png', beta_colors([1.0]))
+    assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
+    assert caption.startswith('Validation top-1 after each epoch (z sampled in bottlenecks; mean over seeds 0, 1): ')
+    for label, (mode, beta) in (('no attention', ('none', 0.0)), ('beta=1', ('vib', 1.0)), ('ViT (gap)', ('plain', 0.0))):
+        m = np.mean(curves[mode, beta], axis=0)
+        assert f'{label} {fmt_top1(m[1])} at epoch 2, {fmt_top1(m[3])} at epoch 4' in caption, (label, caption)
+    assert fmt_top1(-1.0) not in caption

@@ -2,7 +2,7 @@
 import io
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import matplotlib
 
@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from .files import atomic_write  # noqa: E402
 
 __all__ = ['save_figure', 'plot_accuracy_vs_information', 'model_label', 'beta_colors', 'seed_stats',
-           'group_by_position']
+           'group_by_position', 'curve_stats']
 
 
 def save_figure(fig: 'plt.Figure', path: Union[str, os.PathLike], dpi: int = 130) -> Path:
@@ -54,6 +54,25 @@ def seed_stats(values: Sequence[float]) -> tuple:
     """(mean, std over seeds with ddof=1; None for a single seed) of a list of per-seed values."""
     v = np.asarray(values, dtype=float)
     return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def curve_stats(
+        curves: Sequence[Sequence[Dict[str, Any]]],
+        key: str = 'val_top1',
+) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """A metric's learning curve over seeds: (epochs [E], mean [E], std [E] with ddof=1, or None for one run).
+
+    ``curves`` holds each run's metrics.jsonl rows; only the epochs where every run logged a finite ``key``
+    count (a run still training, or one without that metric, shortens the curve, never shifts it).
+    """
+    if not curves:
+        raise ValueError('no runs to draw a learning curve from')
+    per_run = [{int(r['epoch']): float(r[key]) for r in c if r.get(key) is not None and np.isfinite(r[key])}
+               for c in curves]
+    epochs = sorted(set.intersection(*(set(d) for d in per_run)))
+    v = np.array([[d[e] for e in epochs] for d in per_run], dtype=float).reshape(len(per_run), len(epochs))
+    return (np.array(epochs, dtype=int), v.mean(0) if epochs else np.zeros(0),
+            v.std(0, ddof=1) if len(per_run) > 1 else None)
 
 
 def _position(summary: Dict[str, Any]) -> tuple:

@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .figures import beta_colors, group_by_position, model_label, plot_accuracy_vs_information, plt, save_figure, seed_stats
+from .figures import (beta_colors, curve_stats, group_by_position, model_label, plot_accuracy_vs_information, plt,
+                      save_figure, seed_stats)
 from .files import atomic_write_json, atomic_write_text, move_into, staging_folder
 
 __all__ = ['Run', 'load_runs', 'analyze', 'fmt_top1', 'fmt_nats', 'head_label', 'FIGURES']
@@ -25,7 +26,8 @@ PathLike = Union[str, os.PathLike]
 
 # file name stem of each figure, in report order
 FIGURES = ['fig1_accuracy_vs_information', 'fig2_patch_voting', 'fig3_kl_maps', 'fig4_survival_active_heads',
-           'fig5_top_patches', 'fig6_repetition_probe', 'fig7_nmi_matrix', 'fig8_js_divergence', 'fig9_qk_svd']
+           'fig5_top_patches', 'fig6_repetition_probe', 'fig7_nmi_matrix', 'fig8_js_divergence', 'fig9_qk_svd',
+           'fig10_learning_curves']
 END_COLORS = {'none': '#2b2d6e', 'plain': '#d4a017'}  # the paper's no-attention blue and ViT yellow
 
 
@@ -559,6 +561,42 @@ def fig_qk(runs: List[Run], path: Path, colors) -> str:
             '(+: attend to similar tokens, -: to dissimilar), layer 0 first: ' + '; '.join(parts) + '.')
 
 
+def fig_curves(runs: List[Run], path: Path, colors) -> str:
+    """Validation top-1 per epoch, mean ± std over seeds per model: how fast each model learns, which the
+    table's end-of-training numbers mix with what it can learn."""
+    from .runs import read_metrics
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    parts = []
+    groups = seed_groups(runs)
+    for g in groups:
+        r = g[0]
+        epochs, mean, sd = curve_stats([read_metrics(x.dir) for x in g])
+        if len(epochs) == 0:
+            continue
+        color = END_COLORS.get(r.mode) or colors.get(r.beta)
+        ax.plot(epochs, mean, '-', marker='o' if len(epochs) < 3 else None, color=color,
+                label=r.label + (f' ({len(g)} seeds)' if len(g) > 1 else ''))
+        if sd is not None:
+            ax.fill_between(epochs, mean - sd, mean + sd, color=color, alpha=0.15, lw=0)
+        mid = (len(epochs) - 1) // 2
+        at = [mid, len(epochs) - 1] if mid < len(epochs) - 1 else [len(epochs) - 1]
+        parts.append(f'{r.label} ' + ', '.join(f'{fmt_top1(float(mean[i]))} at epoch {int(epochs[i])}' for i in at))
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('validation top-1 (%)')
+    ax.set_title('Learning curves' + (' (mean ± std over seeds)' if any(len(g) > 1 for g in groups) else ''))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc='best')
+    save_figure(fig, path)
+    z = {x.summary.get('eval_z') for x in runs if x.mode == 'vib'}
+    how = {frozenset(): [], frozenset({'sample'}): ['z sampled in bottlenecks'],
+           frozenset({'mean'}): ['posterior means in bottlenecks']}.get(frozenset(z), ['bottlenecks as each run validated'])
+    if any(len(g) > 1 for g in groups):
+        how.append(f'mean over seeds {", ".join(map(str, sorted({r.seed for r in runs})))}')
+    return ('Validation top-1 after each epoch' + (f' ({"; ".join(how)})' if how else '') + ': ' + '; '.join(parts)
+            + '. A curve that flattens as the learning rate decays need not have converged: models that climb at '
+            'different speeds can end apart at one length and together at a longer one.')
+
+
 # --- report -------------------------------------------------------------------------------------
 
 def _table_rows(runs: List[Run]) -> List[Dict[str, str]]:
@@ -638,7 +676,7 @@ def analyze(
         device: str = 'cpu',
         progress: bool = True,
 ) -> Path:
-    """Write the report of ``run_dirs`` (runs or sweep folders) into ``out``: nine PNG figures,
+    """Write the report of ``run_dirs`` (runs or sweep folders) into ``out``: ten PNG figures,
     ``captions.json``, ``index.html`` and ``index.md``. Returns the ``index.html`` path.
 
     Estimators stream over at most ``max_images`` validation images (the first ones, same for every run).
@@ -724,6 +762,7 @@ def _analyze(all_runs, out: Path, max_images, batch_size, kl_map_images, nmi_sam
          lambda p: fig_nmi(runs, ds, loader, p, n_samples=nmi_samples, max_points=nmi_points, other_seeds=other_seeds)),
         (FIGURES[7], 'Jensen-Shannon divergence to the ends (Fig. 7)', lambda p: fig_js(runs, js, p)),
         (FIGURES[8], 'Query-key SVD by layer', lambda p: fig_qk(runs, p, colors)),
+        (FIGURES[9], 'Learning curves', lambda p: fig_curves(all_runs, p, colors)),
     ]
     done = []
     prog = Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
