@@ -20,7 +20,9 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from timm_vib.figures import seed_stats  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timm_vib.figures import curve_stats, seed_stats  # noqa: E402
 from timm_vib.runs import is_finished, read_metrics, read_summary  # noqa: E402
 
 MODELS = [('no attention', 'vit_tiny_noattn'), ('beta 10', 'vit_tiny_vib_b10'), ('beta 1', 'vit_tiny_vib_b1'),
@@ -66,12 +68,11 @@ def main() -> None:
                   f'{st.mean(heads):.1f}/{summaries[0]["depth"] * summaries[0]["num_heads"]} '
                   f'({", ".join(map(str, heads))})' if vib else '-', str(len(dirs))]
         print(f'| {label} | ' + ' | '.join(cells) + ' |')
-        n = min(len(c) for c in curves)
-        epochs = range(1, n + 1)
-        axes[0].plot(epochs, [st.mean(c[k]['val_top1'] for c in curves) for k in range(n)], ls, color=f'C{i}', label=label)
+        epochs, top1, _ = curve_stats(curves)
+        axes[0].plot(epochs, top1, ls, color=f'C{i}', label=label)
         if vib:
-            axes[1].semilogy(epochs, [max(st.mean(c[k]['nats_per_image'] for c in curves), 1e-4) for k in range(n)], ls,
-                             color=f'C{i}', label=label)
+            epochs, nats_curve, _ = curve_stats(curves, 'nats_per_image')
+            axes[1].semilogy(epochs, np.maximum(nats_curve, 1e-4), ls, color=f'C{i}', label=label)
     if args.figure:
         axes[0].axvline(15, color='grey', lw=0.5)
         axes[0].set_xlabel('epoch'); axes[0].set_ylabel('validation top-1 (%), mean over seeds')  # noqa: E702
