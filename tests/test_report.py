@@ -58,6 +58,7 @@ def test_seeds_are_reported_as_mean_and_std(tmp_path):
         assert text in caption, (text, caption)
     rows = _table_rows(runs)
     assert len(rows) == 4 and [r['seeds'] for r in rows] == ['0, 1'] * 4
+    assert rows[0]['top-1'] == f'{fmt_top1(81.0)} ± {np.std([80, 82], ddof=1):.1f}'
     assert rows[1]['top-1'] == f'{fmt_top1(82.5)} ± {np.std([81, 84], ddof=1):.1f}'
     assert rows[1]['active heads'] == f'1.5 ± {np.std([1, 2], ddof=1):.2g} (1, 2)'
 
@@ -108,3 +109,31 @@ def test_learning_curves_caption(tmp_path):
         m = np.mean(curves[mode, beta], axis=0)
         assert f'{label} {fmt_top1(m[1])} at epoch 2, {fmt_top1(m[3])} at epoch 4' in caption, (label, caption)
     assert fmt_top1(-1.0) not in caption
+
+
+def test_top1_is_the_mean_of_sampled_passes(tmp_path):
+    """Runs with K sampled validation passes are reported at the passes' mean (the paper's), in the captions,
+    the figure and the table, over seeds too; runs without them at their last validation."""
+    import numpy as np
+    from timm_vib.report import _table_rows, fig_accuracy
+    passes = {0: (60.0, 2.0), 1: (64.0, 1.0)}  # seed: (mean over K passes, std over them)
+    for seed, (mean, sd) in passes.items():
+        for mode, beta in (('vib', 1.0), ('none', 0.0)):
+            d = tmp_path / f'seed{seed}' / mode
+            d.mkdir(parents=True)
+            vib = mode == 'vib'
+            d.joinpath('summary.json').write_text(json.dumps({
+                'model': mode, 'attn_mode': mode, 'beta': beta, 'seed': seed, 'val_top1': 50.0 + seed,
+                'nats_per_image': 3.0 if vib else 0.0, 'nats_per_patch': 0.1 if vib else 0.0,
+                'active_heads': ['0.0'] if vib else None,
+                'stochastic_eval': {'k': 3, 'top1_mean': mean, 'top1_std': sd} if vib else None}))
+    runs = load_runs([tmp_path])
+    caption = fig_accuracy(runs, tmp_path / 'fig.png')
+    assert f"beta=1: {fmt_top1(62.0)} ± {np.std([60, 64], ddof=1):.1f}" in caption
+    assert f"no attention: {fmt_top1(50.5)} ± {np.std([50, 51], ddof=1):.1f}" in caption
+    rows = _table_rows(runs)
+    assert [r['top-1'] for r in rows] == [f'{fmt_top1(50.5)} ± {np.std([50, 51], ddof=1):.1f}',
+                                          f'{fmt_top1(62.0)} ± {np.std([60, 64], ddof=1):.1f}']
+    one = load_runs([tmp_path / 'seed0'])  # one seed: the passes' mean ± their std
+    assert 'beta=1: 60.0% ± 2.0 over 3 sampled passes' in fig_accuracy(one, tmp_path / 'fig1.png')
+    assert [r['top-1'] for r in _table_rows(one)] == ['50.0%', '60.0% ± 2.0']

@@ -113,6 +113,7 @@ def _reusable(out: Path, targs: argparse.Namespace) -> bool:
 def summary_table(run_dirs: Sequence[Path], title: str = 'timm-vib demo'):
     """The rich table of finished runs: model, beta, top-1 (± stochastic std), nats/image, active heads, time."""
     from rich.table import Table
+    from .figures import run_top1
     from .report import fmt_nats, fmt_top1, load_runs
     t = Table(title=title)
     runs = load_runs(run_dirs)
@@ -125,7 +126,7 @@ def summary_table(run_dirs: Sequence[Path], title: str = 'timm-vib demo'):
         st = s.get('stochastic_eval') or {}
         t.add_row(s['model'].replace('vit_tiny_', ''), *([str(r.seed)] if seeded else []),
                   '-' if r.mode != 'vib' else f"{s['beta']:g}",
-                  fmt_top1(s['val_top1']) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else ''),
+                  fmt_top1(run_top1(s)) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else ''),
                   {'none': '0', 'plain': 'unbounded'}.get(r.mode) or fmt_nats(s['nats_per_image']),
                   '-' if r.mode != 'vib' else _heads(s),
                   f"{s['train_seconds']:.0f} s")

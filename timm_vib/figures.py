@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from .files import atomic_write  # noqa: E402
 
 __all__ = ['save_figure', 'plot_accuracy_vs_information', 'model_label', 'beta_colors', 'seed_stats',
-           'group_by_position', 'curve_stats']
+           'group_by_position', 'curve_stats', 'run_top1']
 
 
 def save_figure(fig: 'plt.Figure', path: Union[str, os.PathLike], dpi: int = 130) -> Path:
@@ -48,6 +48,13 @@ def beta_colors(betas: Sequence[float]) -> Dict[float, Any]:
         t = 0.0 if b == 0 else (np.log10(b) - lo) / (hi - lo) if hi > lo else 0.5
         out[b] = cmap(0.15 + 0.7 * (1 - t))
     return out
+
+
+def run_top1(summary: Dict[str, Any]) -> float:
+    """A run's validation top-1 (%): the mean over its K sampled validation passes when it made them (the
+    paper's numbers are such means), else its last validation."""
+    st = summary.get('stochastic_eval') or {}
+    return float(st['top1_mean'] if st.get('top1_mean') is not None else summary['val_top1'])
 
 
 def seed_stats(values: Sequence[float]) -> tuple:
@@ -100,6 +107,7 @@ def plot_accuracy_vs_information(
     seeds per model, each point is the mean over seeds with std-over-seeds error bars in both
     directions (the paper's Fig. 1b). The no-attention run (0 nats) and the unmodified ViT
     (unbounded) are horizontal reference lines (a band of ± std over seeds when there are several).
+    A run's top-1 is :func:`run_top1`.
     """
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     groups = group_by_position(summaries)
@@ -112,10 +120,10 @@ def plot_accuracy_vs_information(
         nats = max(nats, 1e-3)  # a log axis has no zero
         st = g[0].get('stochastic_eval') or {}
         if len(g) > 1:
-            y, err = seed_stats([s['val_top1'] for s in g])
+            y, err = seed_stats([run_top1(s) for s in g])
             label = f'{model_label(g[0])} ({len(g)} seeds)'
         else:
-            y, err = (st['top1_mean'], st['top1_std']) if st.get('top1_mean') is not None else (g[0]['val_top1'], None)
+            y, err = run_top1(g[0]), st.get('top1_std')
             nats_sd, label = None, model_label(g[0])
         ax.errorbar(nats, y, yerr=err, xerr=nats_sd, fmt='o', color=colors[g[0]['beta']], capsize=3, ms=7, label=label)
         xs.append(nats)
@@ -125,7 +133,7 @@ def plot_accuracy_vs_information(
     for g in groups:
         if g[0].get('attn_mode') in ends:
             label, color, style = ends[g[0]['attn_mode']]
-            y, sd = seed_stats([s['val_top1'] for s in g])
+            y, sd = seed_stats([run_top1(s) for s in g])
             text = f'{label}: {y:.1f}%' + (f' ± {sd:.1f} ({len(g)} seeds)' if sd is not None else '')
             ax.axhline(y, color=color, ls=style, lw=1.5, label=text)
             if sd is not None:

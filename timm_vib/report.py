@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .figures import (beta_colors, curve_stats, group_by_position, model_label, plot_accuracy_vs_information, plt,
-                      save_figure, seed_stats)
+                      run_top1, save_figure, seed_stats)
 from .files import atomic_write_json, atomic_write_text, move_into, staging_folder
 
 __all__ = ['Run', 'load_runs', 'analyze', 'fmt_top1', 'fmt_nats', 'head_label', 'FIGURES']
@@ -150,7 +150,7 @@ def fig_accuracy(runs: List[Run], path: Path) -> str:
     for g in groups:
         r, s = g[0], g[0].summary
         if len(g) > 1:  # mean ± std over seeds (ddof 1), as the paper reports
-            top1, top1_sd = seed_stats([x.summary['val_top1'] for x in g])
+            top1, top1_sd = seed_stats([run_top1(x.summary) for x in g])
             info = ''
             if r.mode == 'vib':
                 nats, nats_sd = seed_stats([x.summary['nats_per_image'] for x in g])
@@ -158,9 +158,9 @@ def fig_accuracy(runs: List[Run], path: Path) -> str:
             parts.append(f"{r.label}: {fmt_top1(top1)} ± {top1_sd:.1f}{info}")
             continue
         st = s.get('stochastic_eval') or {}
-        sd = f" (stochastic {st['top1_mean']:.1f}±{st['top1_std']:.1f})" if st.get('top1_std') is not None else ''
+        sd = f" ± {st['top1_std']:.1f} over {st['k']} sampled passes" if st.get('top1_std') is not None else ''
         info = '' if r.mode != 'vib' else f" at {fmt_nats(s['nats_per_image'])} nats/image"
-        parts.append(f"{r.label}: {fmt_top1(s['val_top1'])}{sd}{info}")
+        parts.append(f"{r.label}: {fmt_top1(run_top1(s))}{sd}{info}")
     seeds = sorted({r.seed for r in runs})
     over = f' (mean ± std over seeds {", ".join(map(str, seeds))})' if any(len(g) > 1 for g in groups) else ''
     return f'Validation top-1 vs nats per image written by attention{over}: ' + '; '.join(parts) + '.'
@@ -609,7 +609,7 @@ def _table_rows(runs: List[Run]) -> List[Dict[str, str]]:
         st = s.get('stochastic_eval') or {}
         rows.append({
             'run': r.dir.name, 'model': s['model'], 'beta': '-' if r.mode != 'vib' else f"{s['beta']:g}",
-            'top-1': fmt_top1(s['val_top1']) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else ''),
+            'top-1': fmt_top1(run_top1(s)) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else ''),
             'nats / image': fmt_nats(s.get('nats_per_image')) if r.mode == 'vib' else ('0' if r.mode == 'none' else 'unbounded'),
             'nats / patch': fmt_nats(s.get('nats_per_patch')) if r.mode == 'vib' else ('0' if r.mode == 'none' else 'unbounded'),
             'active heads': '-' if r.mode != 'vib' else
@@ -623,14 +623,14 @@ def _seed_row(g: List[Run]) -> Dict[str, str]:
     r = g[0]
 
     def ms(key: str, fmt) -> str:
-        m, sd = seed_stats([x.summary[key] for x in g])
+        m, sd = seed_stats([run_top1(x.summary) if key == 'top1' else x.summary[key] for x in g])
         return fmt(m) + ('' if sd is None else f' ± {fmt(sd).rstrip("%")}')
     vib = r.mode == 'vib'
     heads = seed_stats([len(x.active) for x in g])
     return {
         'run': r.dir.name, 'model': r.summary['model'], 'beta': f'{r.beta:g}' if vib else '-',
         'seeds': ', '.join(str(x.seed) for x in g),
-        'top-1': ms('val_top1', fmt_top1),
+        'top-1': ms('top1', fmt_top1),
         'nats / image': ms('nats_per_image', fmt_nats) if vib else ('0' if r.mode == 'none' else 'unbounded'),
         'nats / patch': ms('nats_per_patch', fmt_nats) if vib else ('0' if r.mode == 'none' else 'unbounded'),
         'active heads': '-' if not vib else f'{heads[0]:.3g}' + ('' if heads[1] is None else f' ± {heads[1]:.2g}')
