@@ -124,3 +124,16 @@ def test_demo_two_seeds_two_jobs(tmp_path):
     assert '| seeds |' in md and '| 0, 1 |' in md
     nmi = captions['fig7_nmi_matrix.png']
     assert 'Across seeds' in nmi and 'seed 0' in nmi and 'seed 1' in nmi, nmi
+    # patch voting over both seeds: each seed's median inverse Simpson on the report's images (the first
+    # max_images of the validation set), then mean ± std over seeds
+    import torch
+    from timm_vib.data import load_run_dataset
+    from timm_vib.demo import PRESETS
+    from timm_vib.estimators import patch_voting
+    ds = load_run_dataset(runs[0].dir)
+    images = torch.utils.data.Subset(ds, range(min(len(ds), PRESETS['smallest']['max_images'])))
+    medians = [float(np.median(patch_voting(r.model(), torch.utils.data.DataLoader(images, batch_size=16))[0].numpy()))
+               for r in runs]
+    voting = captions['fig2_patch_voting.png']
+    assert 'mean ± std over seeds 0, 1' in voting
+    assert f'beta=1: {np.mean(medians):.2f} ± {np.std(medians, ddof=1):.2f} / ' in voting, (medians, voting)

@@ -166,26 +166,38 @@ def fig_accuracy(runs: List[Run], path: Path) -> str:
     return f'Validation top-1 vs nats per image written by attention{over}: ' + '; '.join(parts) + '.'
 
 
-def fig_voting(runs: List[Run], loader, path: Path, colors) -> str:
+def fig_voting(groups: List[List[Run]], loader, path: Path, colors) -> str:
+    """Patch voting (Fig. 1c): one dot per validation image for each model's first run; the caption gives each
+    model's median inverse Simpson index and logit range, mean ± std over its seeds where it has several."""
     from .estimators import patch_voting
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
     parts = []
-    for r in runs:
-        simpson, rng = patch_voting(r.model(), loader)
-        s, g = simpson.numpy(), rng.numpy()
-        ax.scatter(g, s, s=7, alpha=0.35, color=_color(r, colors), edgecolors='none')
-        ms, mg = np.median(s), np.median(g)
-        ax.errorbar(mg, ms, xerr=[[mg - np.percentile(g, 25)], [np.percentile(g, 75) - mg]],
-                    yerr=[[ms - np.percentile(s, 25)], [np.percentile(s, 75) - ms]], fmt='o', ms=8,
-                    color=_color(r, colors), mec='k', capsize=3, label=r.label)
-        parts.append(f'{r.label}: {ms:.2f} / {mg:.1f}')
+    for g in groups:
+        medians = []
+        for i, r in enumerate(g):
+            simpson, rng = patch_voting(r.model(), loader)
+            s, lr = simpson.numpy(), rng.numpy()
+            ms, ml = float(np.median(s)), float(np.median(lr))
+            medians.append((ms, ml))
+            if i:
+                continue
+            ax.scatter(lr, s, s=7, alpha=0.35, color=_color(r, colors), edgecolors='none')
+            ax.errorbar(ml, ms, xerr=[[ml - np.percentile(lr, 25)], [np.percentile(lr, 75) - ml]],
+                        yerr=[[ms - np.percentile(s, 25)], [np.percentile(s, 75) - ms]], fmt='o', ms=8,
+                        color=_color(r, colors), mec='k', capsize=3, label=r.label)
+        (ms, ms_sd), (ml, ml_sd) = seed_stats([m[0] for m in medians]), seed_stats([m[1] for m in medians])
+        parts.append(f'{g[0].label}: {ms:.2f}' + ('' if ms_sd is None else f' ± {ms_sd:.2f}') + f' / {ml:.1f}'
+                     + ('' if ml_sd is None else f' ± {ml_sd:.1f}'))
+    seeds = sorted({r.seed for g in groups for r in g})
+    several = any(len(g) > 1 for g in groups)
     ax.set_xlabel('logit range over patches and classes (max - min)')
     ax.set_ylabel('inverse Simpson index of patch votes\n(effective number of classes voted for)')
-    ax.set_title('Patch voting, one dot per validation image (Fig. 1c)')
+    ax.set_title('Patch voting, one dot per validation image (Fig. 1c)' + (f', seed {groups[0][0].seed}' if several else ''))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, title='median, IQR', title_fontsize=8)
     save_figure(fig, path)
-    return ('Patch voting per image; median inverse Simpson index / logit range: ' + '; '.join(parts)
+    over = f' (mean ± std over seeds {", ".join(map(str, seeds))})' if several else ''
+    return (f'Patch voting per image; median inverse Simpson index / logit range{over}: ' + '; '.join(parts)
             + '. An index near 1 means the patches agree on one class; near the number of classes, they vote independently.')
 
 
@@ -736,7 +748,7 @@ def _analyze(all_runs, out: Path, max_images, batch_size, kl_map_images, nmi_sam
     restricted = [g for g in groups if g[0].mode == 'vib']
     other_seeds = restricted[0][1:] if restricted else []  # the most restricted model's other seeds
     torch.manual_seed(0)
-    for r in runs + other_seeds:
+    for r in all_runs:  # every seed: patch voting (Fig. 1c) is reported over seeds
         r.model(device)
     ds, spec = _val_data(runs, max_images)
     loader = _loader(ds, batch_size)
@@ -749,7 +761,7 @@ def _analyze(all_runs, out: Path, max_images, batch_size, kl_map_images, nmi_sam
 
     def js_first(p):  # JS divergences feed both fig. 8 and the choice of images for fig. 3
         js.update(_js_to_ends(runs, loader))
-        return fig_voting(runs, loader, p, colors)
+        return fig_voting(groups, loader, p, colors)
 
     steps: List[Tuple[str, str, Callable[[Path], str]]] = [
         (FIGURES[0], 'Accuracy vs information (Fig. 1b)', lambda p: fig_accuracy(all_runs, p)),
