@@ -15,7 +15,7 @@ from timm_vib.training import parse_args, to_argv
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--model-kwargs', 'depth=1', 'img_size=16', 'patch_size=4', 'embed_dim=48', '--batch-size', '32',
         '--warmup-epochs', '1', '--max-train-samples', '64', '--max-val-samples', '32', '--epochs', '2',
-        '--checkpoint-every', '1']
+        '--checkpoint-every', '1', '--stochastic-eval', '2']
 TWO_RUNS = ['sweep', '--betas', '1', '--no-ends', '--seeds', '0,1', *TINY]
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT), HF_HUB_OFFLINE='1')
 
@@ -61,6 +61,12 @@ def _check_two_finished(root: Path):
         assert [json.loads(ln)['epoch'] for ln in (r / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
     table = json.loads((root / 'sweep.json').read_text())
     assert [(t['run'], t['seed']) for t in table] == [('seed0/vit_tiny_vib_b1', 0), ('seed1/vit_tiny_vib_b1', 1)]
+    # top-1 in the table: the mean of the sampled validation passes (as the report's), with their std
+    md = (root / 'sweep.md').read_text()
+    for t, r in zip(table, runs):
+        st = _summary(r)['stochastic_eval']
+        assert t['top1'] == st['top1_mean'] and t['stochastic_k'] == 2
+        assert f"| {st['top1_mean']:.2f} ± {st['top1_std']:.2f} (2 passes) |" in md
     # the seed reaches the run: different initialisations, so different final weights
     from safetensors.torch import load_file
     a, b = (load_file(r / 'model.safetensors') for r in runs)

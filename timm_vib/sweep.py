@@ -413,22 +413,29 @@ def sweep_status(root: Path, plan: Sequence[SweepRun]) -> List[Dict[str, Any]]:
 
 def sweep_table(root: Path) -> List[Dict[str, Any]]:
     """Write ``sweep.json`` and ``sweep.md`` (one row per finished run, with its seed); returns the rows."""
+    from .figures import run_top1
     from .report import load_runs
     table = []
     finished = find_runs(root)
     for r in load_runs(finished) if finished else []:
         s = r.summary
+        st = s.get('stochastic_eval') or {}
         table.append({'run': str(r.dir.relative_to(root)), 'seed': s.get('seed'), 'model': s['model'], 'beta': s['beta'],
-                      'attn_mode': s['attn_mode'], 'val_top1': s['val_top1'], 'val_top5': s['val_top5'],
+                      'attn_mode': s['attn_mode'], 'top1': run_top1(s), 'top1_std': st.get('top1_std'),
+                      'stochastic_k': st.get('k'), 'val_top1': s['val_top1'], 'val_top5': s['val_top5'],
                       'nats_per_image': s['nats_per_image'], 'nats_per_patch': s['nats_per_patch'],
                       'num_active_heads': s['num_active_heads'], 'steps': s['steps'],
                       'train_samples_per_second': s['train_samples_per_second']})
     table.sort(key=lambda t: (t['seed'] if t['seed'] is not None else -1))  # stable: spectrum order per seed
     atomic_write_json(root / 'sweep.json', table)
     fmt = lambda v, f: '-' if v is None else format(v, f)  # noqa: E731
-    lines = ['| run | seed | beta | val top-1 (%) | val top-5 (%) | nats / image | nats / patch | active heads |',
+    # top-1: the mean ± std of the K sampled validation passes where the run made them (figures.run_top1), else
+    # the last validation; top-5 and the rest from the last validation
+    lines = ['| run | seed | beta | top-1 (%) | val top-5 (%) | nats / image | nats / patch | active heads |',
              '|---|---|---|---|---|---|---|---|']
-    lines += [f'| {t["run"]} | {t["seed"]} | {t["beta"]:g} | {t["val_top1"]:.2f} | {t["val_top5"]:.2f} | '
+    lines += [f'| {t["run"]} | {t["seed"]} | {t["beta"]:g} | {t["top1"]:.2f}'
+              + ('' if t['top1_std'] is None else f' ± {t["top1_std"]:.2f} ({t["stochastic_k"]} passes)')
+              + f' | {t["val_top5"]:.2f} | '
               f'{fmt(t["nats_per_image"], ".2f")} | {fmt(t["nats_per_patch"], ".4f")} | {fmt(t["num_active_heads"], "d")} |'
               for t in table]
     atomic_write_text(root / 'sweep.md', '\n'.join(lines) + '\n')
