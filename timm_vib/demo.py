@@ -113,8 +113,7 @@ def _reusable(out: Path, targs: argparse.Namespace) -> bool:
 def summary_table(run_dirs: Sequence[Path], title: str = 'timm-vib demo'):
     """The rich table of finished runs: model, beta, top-1 (± stochastic std), nats/image, active heads, time."""
     from rich.table import Table
-    from .figures import run_top1
-    from .report import fmt_nats, fmt_top1, load_runs
+    from .report import fmt_nats, fmt_run_top1, load_runs
     t = Table(title=title)
     runs = load_runs(run_dirs)
     seeded = len({r.seed for r in runs}) > 1
@@ -123,10 +122,8 @@ def summary_table(run_dirs: Sequence[Path], title: str = 'timm-vib demo'):
             t.add_column(c, justify='left' if c in ('model', 'active heads') else 'right')
     for r in runs:
         s = r.summary
-        st = s.get('stochastic_eval') or {}
         t.add_row(s['model'].replace('vit_tiny_', ''), *([str(r.seed)] if seeded else []),
-                  '-' if r.mode != 'vib' else f"{s['beta']:g}",
-                  fmt_top1(run_top1(s)) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else ''),
+                  '-' if r.mode != 'vib' else f"{s['beta']:g}", fmt_run_top1(s),
                   {'none': '0', 'plain': 'unbounded'}.get(r.mode) or fmt_nats(s['nats_per_image']),
                   '-' if r.mode != 'vib' else _heads(s),
                   f"{s['train_seconds']:.0f} s")
