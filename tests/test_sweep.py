@@ -89,7 +89,11 @@ def test_local_launcher_runs_two_jobs_and_resumes_a_killed_sweep(tmp_path, capsy
     stamps = [(r / 'summary.json').stat().st_mtime_ns for r in runs]
     assert main(argv) == 0 and 'already finished' in capsys.readouterr().out
     assert [(r / 'summary.json').stat().st_mtime_ns for r in runs] == stamps
-    assert [r['state'] for r in sweep_status(tmp_path, plan_runs([1.0], [0, 1], ends=False))] == ['finished'] * 2
+    rows = sweep_status(tmp_path, plan_runs([1.0], [0, 1], ends=False))
+    assert [r['state'] for r in rows] == ['finished'] * 2
+    # a finished run's top-1 is the sweep table's (the mean of its sampled passes), not its last epoch's pass
+    assert [r['top1'] for r in rows] == [t['top1'] for t in json.loads((tmp_path / 'sweep.json').read_text())]
+    assert [r['top1'] for r in rows] == [_summary(r)['stochastic_eval']['top1_mean'] for r in runs]
 
 
 def test_submitit_local_executor_records_jobs_and_resumes_a_killed_sweep(tmp_path):

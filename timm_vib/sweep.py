@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import command
 from .files import atomic_write_json, atomic_write_text
-from .runs import RUN_CONFIG, find_runs, is_finished, read_json, read_metrics, seed_folder
+from .runs import RUN_CONFIG, find_runs, is_finished, read_json, read_metrics, read_summary, seed_folder
 
 __all__ = ['SweepRun', 'SweepError', 'LAUNCHERS', 'sweep_model_name', 'plan_runs', 'parse_seeds', 'add_sweep_args',
            'run_sweep', 'run_local', 'sweep_table', 'sweep_status', 'threads_per_job', 'register_cli']
@@ -359,6 +359,7 @@ def run_submitit(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path
 # --- the sweep ----------------------------------------------------------------------------------
 
 def _state(root: Path, run: SweepRun, records: Dict[str, Any]) -> Dict[str, Any]:
+    from .figures import run_top1
     d = root / run.folder
     rows = read_metrics(d)
     epochs = None
@@ -380,8 +381,11 @@ def _state(root: Path, run: SweepRun, records: Dict[str, Any]) -> Dict[str, Any]
         state = 'running' if rows or state == 'unfinished' else 'queued'
     last = rows[-1] if rows else {}
     log = rec.get('log') if rec else local_log
+    # a finished run's top-1 is the one its tables report (figures.run_top1: the mean of its sampled
+    # validation passes where it made them); a run in progress shows its latest epoch's
+    top1 = run_top1(read_summary(d)) if state == 'finished' else last.get('val_top1')
     return {'run': run.folder, 'seed': run.seed, 'state': state, 'epoch': last.get('epoch', 0), 'epochs': epochs,
-            'val_top1': last.get('val_top1'), 'nats_per_image': last.get('nats_per_image'),
+            'top1': top1, 'nats_per_image': last.get('nats_per_image'),
             'job': rec.get('job_id') if rec else None, 'log': _relative(log, root) if log else None}
 
 
@@ -393,8 +397,9 @@ def _relative(path, root: Path) -> str:
 
 
 def sweep_status(root: Path, plan: Sequence[SweepRun]) -> List[Dict[str, Any]]:
-    """Every planned run's state (finished / running / queued / unfinished / not started), epoch,
-    latest top-1 and nats, job id and log; printed as a rich table."""
+    """Every planned run's state (finished / running / queued / unfinished / not started), epoch, top-1
+    (a finished run's as its tables give it, figures.run_top1; else the latest epoch's) and nats, job id and
+    log; printed as a rich table."""
     from rich.console import Console
     from rich.table import Table
     records = read_json(root / JOBS_FILE) if (root / JOBS_FILE).is_file() else {}
@@ -405,7 +410,7 @@ def sweep_status(root: Path, plan: Sequence[SweepRun]) -> List[Dict[str, Any]]:
     colour = {'finished': 'green', 'running': 'cyan', 'queued': 'blue', 'unfinished': 'yellow', 'not started': 'dim'}
     for r in rows:
         t.add_row(r['run'], f"[{colour[r['state']]}]{r['state']}[/]", f"{r['epoch']}/{r['epochs'] or '?'}",
-                  '-' if r['val_top1'] is None else f"{r['val_top1']:.1f}%",
+                  '-' if r['top1'] is None else f"{r['top1']:.1f}%",
                   '-' if r['nats_per_image'] is None else f"{r['nats_per_image']:.3g}", r['job'] or '-', r['log'] or '-')
     Console().print(t)
     return rows
