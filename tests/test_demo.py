@@ -137,3 +137,44 @@ def test_demo_two_seeds_two_jobs(tmp_path):
     voting = captions['fig2_patch_voting.png']
     assert 'mean ± std over seeds 0, 1' in voting
     assert f'beta=1: {np.mean(medians):.2f} ± {np.std(medians, ddof=1):.2f} / ' in voting, (medians, voting)
+
+
+def test_demo_leaves_a_run_another_process_trains_and_marks_its_own(tmp_path, capsys, monkeypatch):
+    """A second demo on the same folder stops, naming the run and the process, before training anything;
+    with --jobs 1 the demo marks the run it trains (as the sweep does), so others leave it alone."""
+    import argparse
+    import os
+    import subprocess
+    import sys
+    from timm_vib import training
+    from timm_vib.demo import add_demo_args, run_demo
+    from timm_vib.sweep import local_pid, plan_runs, running_marker
+    out = tmp_path / 'demo'
+    run = plan_runs([1.0], [0], ends=False)[0]
+    other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        with running_marker(out / 'runs', run, other.pid):
+            assert main(['demo', '--smallest', '--betas', '1', '--no-ends', '--jobs', '1', '--output', str(out),
+                         '--no-progress']) == 2
+    finally:
+        other.kill()
+        other.wait()
+    err = capsys.readouterr().err
+    assert f'seed0/vit_tiny_vib_b1 (process {other.pid}) being trained by another process' in err, err
+    assert not list(out.rglob('run_config.json'))  # nothing trained
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_train(targs):
+        seen.append(local_pid(out / 'runs', run))
+        raise Stop
+
+    monkeypatch.setattr(training, 'train', fake_train)
+    args = add_demo_args(argparse.ArgumentParser()).parse_args(
+        ['--smallest', '--betas', '1', '--no-ends', '--jobs', '1', '--output', str(out), '--no-progress'])
+    with pytest.raises(Stop):
+        run_demo(args)
+    assert seen == [os.getpid()] and local_pid(out / 'runs', run) is None  # marked while training, not after

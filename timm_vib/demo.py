@@ -7,6 +7,7 @@ reused. ``--seeds 0,1,2`` trains the spectrum once per seed (the report shows me
 ``--jobs N`` trains N runs at a time, one process each, the ``--threads`` divided between them.
 """
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -142,7 +143,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     from rich.console import Console
     from . import training
     from .report import analyze
-    from .sweep import parse_betas, parse_seeds, plan_runs, run_local, runs_failed
+    from .sweep import SweepError, local_pid, parse_betas, parse_seeds, plan_runs, run_local, running_marker, runs_failed
     console = Console()
     s = _settings(args)
     if s['jobs'] < 1:
@@ -168,10 +169,17 @@ def run_demo(args: argparse.Namespace) -> Path:
             console.print(f'{run.folder}: finished run reused')
         else:
             todo.append((run, targs))
+    # a run another process on this machine is training (a second demo or a sweep on the same folder): two
+    # writers would interleave one run's checkpoints, and the report needs it finished, so stop before training
+    busy = [f'{run.folder} (process {pid})' for run, _ in todo if (pid := local_pid(root / 'runs', run)) is not None]
+    if busy:
+        raise SweepError(f'{", ".join(busy)} being trained by another process on this machine: wait for it to finish '
+                         f'and rerun (the finished runs are reused), or choose another --output')
     if s['jobs'] == 1:
         for i, (run, targs) in enumerate(todo, 1):
             console.rule(f'[{i}/{len(todo) + 1}] training {run.folder}')
-            training.train(targs)
+            with running_marker(root / 'runs', run, os.getpid()):
+                training.train(targs)
     elif todo:
         console.rule(f'training {len(todo)} runs, {s["jobs"]} at a time (logs in {root / "runs" / "logs"})')
         failed = run_local(todo, root / 'runs', s['jobs'], args.threads, print_fn=console.print)
