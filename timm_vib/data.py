@@ -40,7 +40,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_datase
 
 __all__ = [
     'DataSpec', 'build_datasets', 'create_loaders', 'load_run_dataset', 'read_idx', 'write_idx',
-    'read_class_list', 'find_fashion_mnist', 'denormalize', 'IMAGENET100_URL',
+    'read_class_list', 'find_fashion_mnist', 'check_data', 'denormalize', 'IMAGENET100_URL',
 ]
 
 BUILTIN = ('digits', 'fashion-mnist')
@@ -279,6 +279,22 @@ def _parse_data(data: str) -> Tuple[str, Optional[str]]:
     return 'folder', data
 
 
+def check_data(data: str, splits: Sequence[str] = ('train', 'val')) -> None:
+    """Clear errors for a ``--data`` that cannot be read, from what can be checked without reading it:
+    the name's form, a missing folder or split folder, missing Fashion-MNIST files (timm's named sets are
+    checked when opened)."""
+    kind, folder = _parse_data(data)
+    if kind == 'folder':
+        root = Path(folder)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f'data folder {root} does not exist (--data takes digits, fashion-mnist[:FOLDER] or an ImageNet-style folder)')
+        for split in splits:
+            _split_dir(root, split)
+    elif kind == 'fashion-mnist':
+        find_fashion_mnist(folder)
+
+
 class _RGB(Dataset):
     """(image, label) of any dataset with the image converted to 3-channel PIL (grey sets included)."""
 
@@ -344,10 +360,8 @@ def build_datasets(
         (mean, std, crop_pct, interp), aug = _PHOTO_EVAL, dict(_PHOTO_AUG)
         name = data
     elif kind == 'folder':
+        check_data(data, splits)
         root = Path(folder)
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f'data folder {root} does not exist (--data takes digits, fashion-mnist[:FOLDER] or an ImageNet-style folder)')
         ids = read_class_list(class_list) if class_list else None
         bases, classes = {}, None
         for s in splits:

@@ -162,6 +162,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Clear errors for bad arguments, before any data is read or model built."""
     import timm
     import timm_vib  # noqa: F401  (registers the models)
+    from .data import check_data
     if not timm.is_model(args.model):
         close = [n for n in timm_vib.MODEL_NAMES if args.model.split('_')[0] in n][:8] or timm_vib.MODEL_NAMES
         raise ValueError(f'unknown model {args.model!r}; timm_vib models: {", ".join(close)}')
@@ -180,6 +181,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--seed must be < 2**32 (numpy\'s seeds), got {args.seed}')
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise ValueError(f'--output {args.output} is a file: the run folder must be a folder (or not exist yet)')
+    model_kwargs = dict(args.model_kwargs)
+    if 'patch_size' in model_kwargs:  # the model's own check, before it is built
+        check_patch_grid(dict(model_kwargs, img_size=int(model_kwargs.get('img_size', _default_img_size(args.model)))))
+    check_data(args.data)
 
 
 def _default_output(args: argparse.Namespace) -> str:
@@ -543,10 +548,7 @@ def _resolve(args: argparse.Namespace) -> Tuple[argparse.Namespace, Path, int]:
         raise ValueError(f'{out} holds a finished run ({SUMMARY}); choose another --output or remove it')
     if not args.resume and (out / 'checkpoints').is_dir() and any((out / 'checkpoints').glob('ckpt-*')):
         raise ValueError(f'{out} holds an unfinished run: pass --resume to continue it, or choose another --output')
-    model_kwargs = dict(args.model_kwargs)
-    img_size = int(model_kwargs.get('img_size', _default_img_size(args.model)))
-    if 'patch_size' in model_kwargs:  # the model's own check, before any data is read
-        check_patch_grid(dict(model_kwargs, img_size=img_size))
+    img_size = int(dict(args.model_kwargs).get('img_size', _default_img_size(args.model)))
     return args, out, img_size
 
 
