@@ -178,3 +178,8 @@ def test_demo_leaves_a_run_another_process_trains_and_marks_its_own(tmp_path, ca
     with pytest.raises(Stop):
         run_demo(args)
     assert seen == [os.getpid()] and local_pid(out / 'runs', run) is None  # marked while training, not after
+
+
+def test_negative_threads_is_named(tmp_path, capsys):
+    assert main(['demo', '--smallest', '--threads', '-1', '--output', str(tmp_path / 'd'), '--no-progress']) == 2
+    assert '--threads must be >= 0' in capsys.readouterr().err and not (tmp_path / 'd').exists()

@@ -148,6 +148,8 @@ def run_demo(args: argparse.Namespace) -> Path:
     s = _settings(args)
     if s['jobs'] < 1:
         raise ValueError(f"--jobs must be >= 1, got {s['jobs']}")
+    if args.threads < 0:
+        raise ValueError(f'--threads must be >= 0 (0: every core), got {args.threads}')
     if args.threads:  # this process trains when --jobs is 1, and writes the report
         import torch
         torch.set_num_threads(args.threads)
