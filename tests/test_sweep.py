@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,3 +174,36 @@ def test_a_slurm_job_requeues_itself_to_resume():
     assert isinstance(again.function, TrainJob) and again.args[1] == 3
     resumed = parse_args(again.args[0])
     assert resumed.resume == 'latest' and (resumed.model, resumed.epochs, resumed.output) == ('vit_tiny_vib_b4', 7, 'runs/x')
+
+
+@pytest.mark.parametrize('extra, match', [
+    (['--model-kwargs', 'img_size=18', 'patch_size=4'], 'not a multiple of patch_size'),
+    (['--data', 'no_such_folder'], 'data folder no_such_folder does not exist'),
+    (['--data', 'fashion-mnist:no_such_folder'], 'Fashion-MNIST IDX files not found'),
+])
+def test_bad_data_or_patch_grid_is_named_before_any_run_starts(tmp_path, capsys, extra, match):
+    """Checked for every run before any is launched: with --jobs 2 the error is one line from the sweep
+    (and the demo), not N failed processes whose logs hold it."""
+    assert main([*TWO_RUNS, '--jobs', '2', '--output', str(tmp_path / 'sweep'), *extra]) == 2
+    assert match in capsys.readouterr().err
+    assert main(['demo', '--smallest', '--jobs', '2', '--output', str(tmp_path / 'demo'), '--no-progress',
+                 *(['--img-size', '18', '--patch-size', '4'] if 'patch_size=4' in extra else extra)]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / 'sweep').exists() and not (tmp_path / 'demo').exists()
+
+
+def test_a_run_that_refuses_its_data_in_its_process_says_why(tmp_path, capsys):
+    """A problem found only when the data are read (here a truncated Fashion-MNIST file) fails each run's
+    process; the sweep's error carries the run's own one-line error, not only its exit code."""
+    from timm_vib.data import write_idx
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 64), ('t10k', 32)):
+        write_idx(tmp_path / f'{split}-images-idx3-ubyte', rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f'{split}-labels-idx1-ubyte', np.arange(n) % 10)
+    images = tmp_path / 'train-images-idx3-ubyte'
+    images.write_bytes(images.read_bytes()[:-100])
+    assert main([*TWO_RUNS, '--jobs', '2', '--data', f'fashion-mnist:{tmp_path}', '--output',
+                 str(tmp_path / 'sweep')]) == 2
+    err = capsys.readouterr().err
+    for seed in (0, 1):
+        assert f'seed{seed}/vit_tiny_vib_b1: exit code 2 (' in err and 'is truncated or corrupt' in err, err

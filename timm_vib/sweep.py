@@ -212,6 +212,14 @@ def _child_env(threads: int) -> Dict[str, str]:
                 PYTHONUNBUFFERED='1')  # a killed run's log keeps its last lines
 
 
+def _error_line(log: Path) -> Optional[str]:
+    """The one-line error (``timm-vib train: error: ...``, the CLI's answer to bad input) of the latest
+    attempt in a run's log, if it ended with one."""
+    text = log.read_text(encoding='utf-8', errors='replace').rsplit('\n=== ', 1)[-1]
+    errors = [ln.strip() for ln in text.splitlines() if ln.startswith('timm-vib train: error: ')]
+    return errors[-1][len('timm-vib train: error: '):] if errors else None
+
+
 def run_local(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path, jobs: int = 1, threads: int = 0,
               print_fn=print) -> List[Tuple[SweepRun, str]]:
     """Train ``runs`` on this machine, ``jobs`` at a time, each in its own ``timm-vib train`` process
@@ -239,6 +247,8 @@ def run_local(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path, j
             print_fn(f'done   {run.folder} in {took:.0f} s')
             return None
         why = f'killed by signal {-code}' if code < 0 else f'exit code {code}'
+        error = _error_line(log)
+        why += f' ({error})' if error else ''
         print_fn(f'failed {run.folder} ({why}) after {took:.0f} s: see {log}')
         return f'{why}; log {log}'
 
