@@ -183,3 +183,10 @@ def test_demo_leaves_a_run_another_process_trains_and_marks_its_own(tmp_path, ca
 def test_negative_threads_is_named(tmp_path, capsys):
     assert main(['demo', '--smallest', '--threads', '-1', '--output', str(tmp_path / 'd'), '--no-progress']) == 2
     assert '--threads must be >= 0' in capsys.readouterr().err and not (tmp_path / 'd').exists()
+
+
+@pytest.mark.parametrize('flag', ['--max-images', '--batch-size', '--nmi-samples'])
+def test_analyze_names_a_count_below_one(demo, tmp_path, capsys, flag):
+    run = str(demo / 'runs' / 'seed0' / 'vit_tiny_vib_b1')
+    assert main(['analyze', run, '--out', str(tmp_path / 'rep'), flag, '0', '--no-progress']) == 2
+    assert f'{flag} must be >= 1, got 0' in capsys.readouterr().err and not (tmp_path / 'rep').exists()

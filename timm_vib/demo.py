@@ -199,6 +199,9 @@ def run_demo(args: argparse.Namespace) -> Path:
 def _analyze_cli(args: argparse.Namespace) -> Path:
     from rich.console import Console
     from .report import analyze, load_runs
+    for flag in ('max_images', 'batch_size', 'nmi_samples'):
+        if getattr(args, flag) < 1:
+            raise ValueError(f'--{flag.replace("_", "-")} must be >= 1, got {getattr(args, flag)}')
     index = analyze(args.run_dirs, args.out, max_images=args.max_images, batch_size=args.batch_size,
                     nmi_samples=args.nmi_samples, device=args.device, progress=not args.no_progress)
     Console().print(summary_table([r.dir for r in load_runs(args.run_dirs)], title='runs analysed'))
