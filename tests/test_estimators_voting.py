@@ -45,6 +45,11 @@ def test_votes_inverse_simpson_and_logit_range():
     torch.testing.assert_close(logit_range(logits), torch.tensor([1.0, 5.0]))
     uniform = torch.full((1, 5), 0.2, dtype=torch.float64)
     assert inverse_simpson(uniform).item() == pytest.approx(5.0)
+    # not distributions: no effective number of classes (an all-zero row would be inf, a negative entry anything)
+    for bad in (torch.zeros(1, 3), torch.tensor([[0.6, -0.1, 0.5]]), torch.tensor([[0.5, 0.2, 0.2]]),
+                torch.tensor([[float('nan'), 0.5, 0.5]])):
+        with pytest.raises(ValueError, match='non-negative and sum to one'):
+            inverse_simpson(bad)
 
 
 def test_top_fraction():

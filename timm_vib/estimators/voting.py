@@ -45,7 +45,11 @@ def inverse_simpson(fractions: torch.Tensor) -> torch.Tensor:
     for (1 when all patches agree, C when votes are spread evenly)."""
     if fractions.ndim != 2:
         raise ValueError(f'vote fractions must be [batch, classes], got {tuple(fractions.shape)}')
-    return 1.0 / fractions.double().square().sum(-1)
+    p = fractions.double()
+    # a row that is not a distribution (all zero, negative, not summing to one) has no effective number
+    if not (torch.isfinite(p).all() and (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones_like(p[:, 0]), atol=1e-6)):
+        raise ValueError('vote fractions must be non-negative and sum to one per image (rows of vote_fractions)')
+    return 1.0 / p.square().sum(-1)
 
 
 def logit_range(logits: torch.Tensor) -> torch.Tensor:
