@@ -31,6 +31,8 @@ def test_js_matches_scipy_including_zero_probabilities():
         js_divergence(torch.ones(3), torch.ones(4))
     with pytest.raises(ValueError, match='non-negative'):
         js_divergence(torch.tensor([float('nan'), 1.0]), torch.ones(2))
+    with pytest.raises(ValueError, match='all-zero'):
+        js_divergence(torch.tensor([[0.5, 0.5], [0.0, 0.0]]), torch.ones(2, 2))
 
 
 def test_votes_inverse_simpson_and_logit_range():

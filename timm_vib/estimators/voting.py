@@ -69,6 +69,8 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     p, q = p.double(), q.double()
     if (p < 0).any() or (q < 0).any() or not (torch.isfinite(p).all() and torch.isfinite(q).all()):
         raise ValueError('p and q must be finite, non-negative probabilities')
+    if (p.sum(-1) == 0).any() or (q.sum(-1) == 0).any():  # nothing to normalise: scipy answers nan
+        raise ValueError('p and q must each have some positive entry (an all-zero row is no distribution)')
     p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
     m = 0.5 * (p + q)
     kl = lambda a: torch.where(a > 0, torch.xlogy(a, a) - torch.xlogy(a, m), torch.zeros_like(a)).sum(-1)
