@@ -62,6 +62,9 @@ def beta_at(beta: float, update: int, warmup_updates: int, schedule: str = 'line
     ``log`` geometrically from 1e-8 to beta; beta itself afterwards."""
     if schedule not in BETA_SCHEDULES:
         raise ValueError(f'beta schedule must be one of {BETA_SCHEDULES}, got {schedule!r}')
+    if not (math.isfinite(beta) and beta >= 0) or update < 0 or warmup_updates < 0:
+        raise ValueError(f'beta must be finite and >= 0, update and warmup_updates >= 0; got beta={beta}, '
+                         f'update={update}, warmup_updates={warmup_updates}')
     if update >= warmup_updates or beta == 0:
         return beta
     if schedule == 'linear':

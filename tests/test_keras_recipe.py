@@ -69,6 +69,10 @@ def test_beta_at_is_timm_vibs():
         for beta in (0.0, 0.01, 4.0):
             for t in (0, 1, 7, 9, 10, 50):
                 assert beta_at(beta, t, 10, schedule) == timm_beta_at(beta, t, 10, schedule)
+    for bad in ((-1.0, 0, 5), (1.0, -1, 5), (1.0, 0, -5)):
+        for f in (beta_at, timm_beta_at):
+            with pytest.raises(ValueError, match='>= 0'):
+                f(*bad)
     with pytest.raises(ValueError, match='schedule'):
         BetaWarmup(5, schedule='cosine')
 

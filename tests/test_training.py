@@ -309,6 +309,9 @@ def test_beta_warmup_schedules_closed_form():
     assert beta_at(4.0, 10, 10, 'log') == 4.0 and beta_at(0.0, 3, 10, 'log') == 0.0 and beta_at(4.0, 0, 0) == 4.0
     with pytest.raises(ValueError, match='schedule'):
         beta_at(1.0, 0, 5, 'cosine')
+    for bad in ((-1.0, 0, 5), (float('nan'), 0, 5), (1.0, -1, 5), (1.0, 0, -5)):  # was beta, 0 or -beta/5
+        with pytest.raises(ValueError, match='>= 0'):
+            beta_at(*bad)
 
 
 def test_log_beta_schedule_and_sqrt_reduction_are_recorded(tmp_path):
