@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..information import gaussian_kl
-from .capture import Record, attention_maps, attention_modules, capture, eval_mode, grid_size, num_prefix_tokens
+from .capture import DeviceLike, Record, attention_maps, attention_modules, capture, eval_mode, grid_size, num_prefix_tokens
 
 __all__ = [
     'to_grid', 'kl_map', 'iterate_records', 'survival_function', 'max_kl', 'active_heads', 'active_dims',
@@ -85,7 +85,7 @@ def _images(batch) -> torch.Tensor:
     return batch
 
 
-def _device(model: nn.Module, device) -> torch.device:
+def _device(model: nn.Module, device: DeviceLike) -> torch.device:
     if device is not None:
         return torch.device(device)
     p = next(model.parameters(), None)
@@ -97,7 +97,7 @@ def iterate_records(
         loader: Iterable,
         attention: bool = False,
         inputs: bool = False,
-        device=None,
+        device: DeviceLike = None,
 ) -> Iterator[Tuple[torch.Tensor, Record]]:
     """Stream a DataLoader through the model under :func:`eval_mode` and :func:`capture` without
     gradients: yields (images, record) per batch; records are only valid until the next batch. The
@@ -127,7 +127,7 @@ def survival_function(
         model: nn.Module,
         loader: Iterable,
         thresholds: Optional[torch.Tensor] = None,
-        device=None,
+        device: DeviceLike = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """P(KL >= x) per head over all patch tokens of a dataset (paper fig. 3).
 
@@ -161,7 +161,7 @@ def survival_function(
     return thresholds, surv
 
 
-def max_kl(model: nn.Module, loader: Iterable, device=None) -> torch.Tensor:
+def max_kl(model: nn.Module, loader: Iterable, device: DeviceLike = None) -> torch.Tensor:
     """Largest KL of each head over all patch tokens of a dataset: [depth, heads] nats."""
     _need_bottleneck(model)
     out = None
@@ -174,12 +174,12 @@ def max_kl(model: nn.Module, loader: Iterable, device=None) -> torch.Tensor:
     return out
 
 
-def active_heads(model: nn.Module, loader: Iterable, threshold: float = 1e-2, device=None) -> torch.Tensor:
+def active_heads(model: nn.Module, loader: Iterable, threshold: float = 1e-2, device: DeviceLike = None) -> torch.Tensor:
     """Heads whose KL exceeds ``threshold`` nats for at least one patch of the dataset: bool [depth, heads]."""
     return max_kl(model, loader, device) > threshold
 
 
-def active_dims(model: nn.Module, loader: Iterable, threshold: float = 1e-2, device=None) -> torch.Tensor:
+def active_dims(model: nn.Module, loader: Iterable, threshold: float = 1e-2, device: DeviceLike = None) -> torch.Tensor:
     """Latent dimensions whose own KL term 0.5 (exp(lv) + mu^2 - 1 - lv) exceeds ``threshold`` nats for
     at least one patch: bool [depth, heads, r]; ``.sum(-1)`` counts the active dims of each head."""
     _need_bottleneck(model, allow_attention_free=False)
@@ -195,7 +195,7 @@ def active_dims(model: nn.Module, loader: Iterable, threshold: float = 1e-2, dev
     return out > threshold
 
 
-def mean_information(model: nn.Module, loader: Iterable, device=None) -> Tuple[float, float]:
+def mean_information(model: nn.Module, loader: Iterable, device: DeviceLike = None) -> Tuple[float, float]:
     """Dataset means of the information written by attention: (nats per image, nats per patch token)."""
     _need_bottleneck(model)
     total, images, tokens = 0.0, 0, 0
@@ -236,7 +236,7 @@ def top_patches(
         dim: int = 0,
         sign: int = 1,
         attention: bool = True,
-        device=None,
+        device: DeviceLike = None,
 ) -> TopPatches:
     """Top-k patches of head (layer, head) over a dataset, by KL or by the signed value of one
     latent dimension of the posterior mean (``by='latent'``, ``dim``, ``sign`` = +1 or -1), with the

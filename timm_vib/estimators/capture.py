@@ -9,7 +9,7 @@ the recomputation of gradient checkpointing records nothing twice. Hooks exist o
 """
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,10 +19,14 @@ from ..vision_transformer_vib import HeadBottleneck
 
 __all__ = ['Record', 'capture', 'eval_mode', 'attention_modules', 'attention_maps', 'patch_logits', 'grid_size', 'num_prefix_tokens']
 
+# where an estimator runs the model: a torch device or its name ('cpu', 'cuda:0'); None = where the model is
+DeviceLike = Optional[Union[str, torch.device]]
 
-def grid_size(model: nn.Module):
+
+def grid_size(model: nn.Module) -> Tuple[int, int]:
     """(rows, cols) of the model's patch grid."""
-    return tuple(model.patch_embed.grid_size)
+    rows, cols = model.patch_embed.grid_size
+    return int(rows), int(cols)
 
 
 def num_prefix_tokens(model: nn.Module) -> int:

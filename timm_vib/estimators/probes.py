@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .activity import _device, _need_bottleneck, _num_heads, check_layer_head
-from .capture import capture, eval_mode, grid_size, num_prefix_tokens
+from .capture import DeviceLike, capture, eval_mode, grid_size, num_prefix_tokens
 
 __all__ = ['copy_patch', 'repetition_probe', 'RepetitionProbe']
 
@@ -76,7 +76,7 @@ def repetition_probe(
         n_copies: Sequence[int] = (4, 16, 64),
         seed: int = 0,
         batch_size: int = 64,
-        device=None,
+        device: DeviceLike = None,
 ) -> RepetitionProbe:
     """Shift of the latent mean at a copied patch: mu_aug - mu_0 for chosen heads.
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .activity import _device, _images
-from .capture import attention_blocks, attention_modules, capture, eval_mode, grid_size, num_prefix_tokens
+from .capture import DeviceLike, attention_blocks, attention_modules, capture, eval_mode, grid_size, num_prefix_tokens
 
 __all__ = ['QKSVD', 'qk_svd', 'qk_maps', 'optimal_attention_images']
 
@@ -176,7 +176,7 @@ def optimal_attention_images(
         mode: int,
         k: int = 8,
         svd: QKSVD = None,
-        device=None,
+        device: DeviceLike = None,
 ) -> dict:
     """Images of a dataset maximising max(query map) x max(key map) for one mode, for both sign
     conventions of the pair (u, v) and (-u, -v): {'+': (scores [k], indices [k]), '-': (...)},

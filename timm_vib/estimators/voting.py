@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .activity import _device, _images
-from .capture import capture, eval_mode
+from .capture import DeviceLike, capture, eval_mode
 
 __all__ = [
     'patch_votes', 'vote_fractions', 'inverse_simpson', 'logit_range', 'js_divergence', 'js_distance',
@@ -93,7 +93,7 @@ def top_fraction(scores: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     return scores.topk(k).indices
 
 
-def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable, device=None) -> torch.Tensor:
+def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable, device: DeviceLike = None) -> torch.Tensor:
     """Jensen-Shannon divergence in nats between the class probabilities (softmax of image logits) of
     two models for every image of a dataset, in loader order: [n_images] (sqrt: the distance).
     Both models run under :func:`eval_mode` (posterior means)."""
@@ -108,7 +108,7 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable, dev
     return torch.cat(out)
 
 
-def patch_voting(model: nn.Module, loader: Iterable, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def patch_voting(model: nn.Module, loader: Iterable, device: DeviceLike = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per image of a dataset (loader order): (inverse Simpson index of patch votes [n], logit range [n]),
     the model under :func:`eval_mode`."""
     device = _device(model, device)
