@@ -11,9 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .files import atomic_write  # noqa: E402
+from .runs import run_top1  # noqa: E402
 
 __all__ = ['save_figure', 'plot_accuracy_vs_information', 'model_label', 'beta_colors', 'seed_stats',
-           'group_by_position', 'curve_stats', 'run_top1']
+           'group_by_position', 'curve_stats']
 
 
 def save_figure(fig: 'plt.Figure', path: Union[str, os.PathLike], dpi: int = 130) -> Path:
@@ -48,13 +49,6 @@ def beta_colors(betas: Sequence[float]) -> Dict[float, Any]:
         t = 0.0 if b == 0 else (np.log10(b) - lo) / (hi - lo) if hi > lo else 0.5
         out[b] = cmap(0.15 + 0.7 * (1 - t))
     return out
-
-
-def run_top1(summary: Dict[str, Any]) -> float:
-    """A run's validation top-1 (%): the mean over its K sampled validation passes when it made them (the
-    paper's numbers are such means), else its last validation."""
-    st = summary.get('stochastic_eval') or {}
-    return float(st['top1_mean'] if st.get('top1_mean') is not None else summary['val_top1'])
 
 
 def seed_stats(values: Sequence[float]) -> tuple:
@@ -107,7 +101,7 @@ def plot_accuracy_vs_information(
     seeds per model, each point is the mean over seeds with std-over-seeds error bars in both
     directions (the paper's Fig. 1b). The no-attention run (0 nats) and the unmodified ViT
     (unbounded) are horizontal reference lines (a band of ± std over seeds when there are several).
-    A run's top-1 is :func:`run_top1`.
+    A run's top-1 is :func:`~timm_vib.runs.run_top1`.
     """
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     groups = group_by_position(summaries)

@@ -22,8 +22,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, copy_model, read_config
 from .errors import command
 from .files import move_into, staging_folder
-from .figures import plot_accuracy_vs_information, run_top1
-from .runs import RUN_FILES, find_runs, is_finished, read_json as _read_json, read_summary
+from .figures import plot_accuracy_vs_information
+from .runs import RUN_FILES, find_runs, is_finished, read_json as _read_json, read_summary, run_top1
 from .vision_transformer_vib import name_for_beta
 
 __all__ = ['export', 'push', 'push_sweep', 'build_card', 'repo_name', 'HubUnreachableError', 'FIGURE_NAME']

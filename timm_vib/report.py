@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from .figures import (beta_colors, curve_stats, group_by_position, model_label, plot_accuracy_vs_information, plt,
-                      run_top1, save_figure, seed_stats)
+                      save_figure, seed_stats)
 from .files import atomic_write_json, atomic_write_text, move_into, staging_folder
+from .runs import run_top1
 
 __all__ = ['Run', 'load_runs', 'analyze', 'fmt_top1', 'fmt_run_top1', 'fmt_nats', 'head_label', 'FIGURES']
 
@@ -37,7 +38,7 @@ def fmt_top1(v: Optional[float]) -> str:
 
 
 def fmt_run_top1(summary: Dict[str, Any]) -> str:
-    """A run's top-1 as tables write it: :func:`~timm_vib.figures.run_top1`, with the std over its sampled
+    """A run's top-1 as tables write it: :func:`~timm_vib.runs.run_top1`, with the std over its sampled
     validation passes where it made them ('59.4% ± 1.2')."""
     st = summary.get('stochastic_eval') or {}
     return fmt_top1(run_top1(summary)) + (f" ± {st['top1_std']:.1f}" if st.get('top1_std') is not None else '')

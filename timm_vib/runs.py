@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Union
 from .files import atomic_write_text, json_line
 
 __all__ = ['SUMMARY', 'METRICS', 'RUN_CONFIG', 'RUN_FILES', 'seed_folder', 'is_finished', 'find_runs',
-           'read_json', 'read_summary', 'read_metrics', 'append_metrics', 'truncate_metrics']
+           'read_json', 'read_summary', 'run_top1', 'read_metrics', 'append_metrics', 'truncate_metrics']
 
 PathLike = Union[str, os.PathLike]
 SUMMARY, METRICS, RUN_CONFIG = 'summary.json', 'metrics.jsonl', 'run_config.json'
@@ -66,6 +66,13 @@ def read_summary(run_dir: PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f'{run_dir} has no {SUMMARY}: the run is not finished (or this is not a run folder)')
     return read_json(path)
+
+
+def run_top1(summary: Dict[str, Any]) -> float:
+    """A run's validation top-1 (%): the mean over its K sampled validation passes when it made them (the
+    paper's numbers are such means), else its last validation."""
+    st = summary.get('stochastic_eval') or {}
+    return float(st['top1_mean'] if st.get('top1_mean') is not None else summary['val_top1'])
 
 
 def _rows(path: Path) -> Iterator[Dict[str, Any]]:

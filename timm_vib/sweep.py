@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import command
 from .files import atomic_write_json, atomic_write_text
-from .runs import RUN_CONFIG, find_runs, is_finished, read_json, read_metrics, read_summary, seed_folder
+from .runs import RUN_CONFIG, find_runs, is_finished, read_json, read_metrics, read_summary, run_top1, seed_folder
 
 __all__ = ['SweepRun', 'SweepError', 'LAUNCHERS', 'sweep_model_name', 'plan_runs', 'parse_seeds', 'add_sweep_args',
            'run_sweep', 'run_local', 'sweep_table', 'sweep_status', 'threads_per_job', 'register_cli']
@@ -215,9 +215,10 @@ def _child_env(threads: int) -> Dict[str, str]:
 def _error_line(log: Path) -> Optional[str]:
     """The one-line error (``timm-vib train: error: ...``, the CLI's answer to bad input) of the latest
     attempt in a run's log, if it ended with one."""
+    prefix = 'timm-vib train: error: '
     text = log.read_text(encoding='utf-8', errors='replace').rsplit('\n=== ', 1)[-1]
-    errors = [ln.strip() for ln in text.splitlines() if ln.startswith('timm-vib train: error: ')]
-    return errors[-1][len('timm-vib train: error: '):] if errors else None
+    errors = [ln[len(prefix):].strip() for ln in text.splitlines() if ln.startswith(prefix)]
+    return errors[-1] if errors else None
 
 
 def run_local(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path, jobs: int = 1, threads: int = 0,
@@ -369,7 +370,6 @@ def run_submitit(runs: Sequence[Tuple[SweepRun, argparse.Namespace]], root: Path
 # --- the sweep ----------------------------------------------------------------------------------
 
 def _state(root: Path, run: SweepRun, records: Dict[str, Any]) -> Dict[str, Any]:
-    from .figures import run_top1
     d = root / run.folder
     rows = read_metrics(d)
     epochs = None
@@ -391,7 +391,7 @@ def _state(root: Path, run: SweepRun, records: Dict[str, Any]) -> Dict[str, Any]
         state = 'running' if rows or state == 'unfinished' else 'queued'
     last = rows[-1] if rows else {}
     log = rec.get('log') if rec else local_log
-    # a finished run's top-1 is the one its tables report (figures.run_top1: the mean of its sampled
+    # a finished run's top-1 is the one its tables report (runs.run_top1: the mean of its sampled
     # validation passes where it made them); a run in progress shows its latest epoch's
     top1 = run_top1(read_summary(d)) if state == 'finished' else last.get('val_top1')
     return {'run': run.folder, 'seed': run.seed, 'state': state, 'epoch': last.get('epoch', 0), 'epochs': epochs,
@@ -408,7 +408,7 @@ def _relative(path, root: Path) -> str:
 
 def sweep_status(root: Path, plan: Sequence[SweepRun]) -> List[Dict[str, Any]]:
     """Every planned run's state (finished / running / queued / unfinished / not started), epoch, top-1
-    (a finished run's as its tables give it, figures.run_top1; else the latest epoch's) and nats, job id and
+    (a finished run's as its tables give it, runs.run_top1; else the latest epoch's) and nats, job id and
     log; printed as a rich table."""
     from rich.console import Console
     from rich.table import Table
@@ -428,7 +428,6 @@ def sweep_status(root: Path, plan: Sequence[SweepRun]) -> List[Dict[str, Any]]:
 
 def sweep_table(root: Path) -> List[Dict[str, Any]]:
     """Write ``sweep.json`` and ``sweep.md`` (one row per finished run, with its seed); returns the rows."""
-    from .figures import run_top1
     from .report import load_runs
     table = []
     finished = find_runs(root)
@@ -444,7 +443,7 @@ def sweep_table(root: Path) -> List[Dict[str, Any]]:
     table.sort(key=lambda t: (t['seed'] if t['seed'] is not None else -1))  # stable: spectrum order per seed
     atomic_write_json(root / 'sweep.json', table)
     fmt = lambda v, f: '-' if v is None else format(v, f)  # noqa: E731
-    # top-1: the mean ± std of the K sampled validation passes where the run made them (figures.run_top1), else
+    # top-1: the mean ± std of the K sampled validation passes where the run made them (runs.run_top1), else
     # the last validation; top-5 and the rest from the last validation
     lines = ['| run | seed | beta | top-1 (%) | val top-5 (%) | nats / image | nats / patch | active heads |',
              '|---|---|---|---|---|---|---|---|']
