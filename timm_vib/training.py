@@ -186,7 +186,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f'--output {args.output} is a file: the run folder must be a folder (or not exist yet)')
     model_kwargs = dict(args.model_kwargs)
     if 'patch_size' in model_kwargs:  # the model's own check, before it is built
-        check_patch_grid(dict(model_kwargs, img_size=int(model_kwargs.get('img_size', _default_img_size(args.model)))))
+        check_patch_grid(dict(model_kwargs, img_size=_img_size(args)))
     check_data(args.data)
 
 
@@ -201,6 +201,11 @@ def _default_img_size(name: str) -> int:
     from timm.models import get_pretrained_cfg
     cfg = get_pretrained_cfg(name)
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+
+
+def _img_size(args: argparse.Namespace) -> int:
+    """The run's image size: ``img_size`` in --model-kwargs, else the model's pretrained config's."""
+    return int(dict(args.model_kwargs).get('img_size', _default_img_size(args.model)))
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> Tuple[torch.nn.Module, str, Dict[str, Any]]:
@@ -551,8 +556,7 @@ def _resolve(args: argparse.Namespace) -> Tuple[argparse.Namespace, Path, int]:
         raise ValueError(f'{out} holds a finished run ({SUMMARY}); choose another --output or remove it')
     if not args.resume and (out / 'checkpoints').is_dir() and any((out / 'checkpoints').glob('ckpt-*')):
         raise ValueError(f'{out} holds an unfinished run: pass --resume to continue it, or choose another --output')
-    img_size = int(dict(args.model_kwargs).get('img_size', _default_img_size(args.model)))
-    return args, out, img_size
+    return args, out, _img_size(args)
 
 
 def _accelerator(args: argparse.Namespace, out: Path):
