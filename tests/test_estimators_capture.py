@@ -115,3 +115,19 @@ def test_gradient_checkpointing_records_each_layer_once(return_kl):
             results.append((rec.mu.detach(), rec.attention.detach(), m.blocks[0].attn.qkv.weight.grad.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_low_level_helpers_name_wrong_inputs():
+    """patch_logits and attention_maps take tokens, not images: a batch of images (or tokens of another
+    width) is named, not a matrix-shape error from inside torch."""
+    from timm_vib.estimators import attention_maps, patch_logits
+    m, x = small(vib_dim=8), images()
+    with pytest.raises(ValueError, match=r'tokens \[B, N, 192\].*\(2, 3, 32, 32\)'):
+        patch_logits(m, x)
+    with pytest.raises(ValueError, match=r'\[B, N, 192\].*\(2, 16, 48\)'):
+        attention_maps(m.blocks[0].attn, torch.randn(2, 16, 48))
+    with pytest.raises(TypeError, match='attention module'):
+        attention_maps(m, torch.randn(2, 16, 192))
+    tokens = torch.randn(2, 16, 192)
+    assert patch_logits(m, tokens).shape == (2, 16, 5)
+    assert attention_maps(m.blocks[0].attn, tokens).shape == (2, 3, 16, 16)

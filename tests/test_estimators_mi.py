@@ -148,6 +148,11 @@ def test_bad_input():
         normalized_mutual_information(mu, torch.zeros(10, 3), mu[:9], torch.zeros(9, 3))
     with pytest.raises(ValueError, match=r'\[L, r\]'):
         mutual_information(mu[None], torch.zeros(1, 10, 3))
+    # a model or a list of tensors where the (mu, logvar) pairs belong
+    with pytest.raises(TypeError, match=r'\(mu \[L, r\], logvar \[L, r\]\) pairs, got Linear'):
+        nmi_matrix(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match='pairs, got list of Tensor'):
+        nmi_matrix([mu, mu])
 
 
 def test_nmi_of_a_head_without_information_is_nan_with_a_warning():

@@ -47,6 +47,11 @@ def attention_modules(model: nn.Module) -> List[nn.Module]:
 def attention_maps(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """softmax(q_norm(q) k_norm(k)^T * scale) of a timm attention module for its input x [B, N, C]:
     [B, heads, N (queries), N (keys)], rows sum to one (no mask: ViT classification runs none)."""
+    if not (hasattr(attn, 'qkv') and hasattr(attn, 'num_heads')):
+        raise TypeError(f'attention_maps takes a timm attention module (with qkv), got {type(attn).__name__}')
+    C_in = attn.qkv.in_features
+    if x.ndim != 3 or x.shape[-1] != C_in:
+        raise ValueError(f'attention_maps takes the attention input tokens [B, N, {C_in}], got shape {tuple(x.shape)}')
     B, N, C = x.shape
     H, D = attn.num_heads, attn.head_dim
     A = H * D
@@ -60,6 +65,10 @@ def patch_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Per-token logits [B, N, classes] from final-normed tokens [B, N, C]: the classifier applied to
     each token. For average-pooled models without fc_norm (the vit_tiny_* family) their mean over patch
     tokens is the image logit."""
+    C = model.num_features
+    if tokens.ndim != 3 or tokens.shape[-1] != C:
+        raise ValueError(f'patch_logits takes final-normed tokens [B, N, {C}], not images: got shape '
+                         f'{tuple(tokens.shape)} (capture(model) records the per-patch logits as record.logits)')
     return model.head(model.fc_norm(tokens))
 
 

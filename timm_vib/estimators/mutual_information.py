@@ -89,6 +89,10 @@ def _check_head(mu, logvar, name: str = 'mu') -> Head:
 
 
 def _check_heads(heads: Sequence[Head]) -> List[Head]:
+    if isinstance(heads, (torch.Tensor, torch.nn.Module)) or not isinstance(heads, Sequence) \
+            or not all(isinstance(h, Sequence) and len(h) == 2 for h in heads):
+        raise TypeError(f'heads must be a sequence of (mu [L, r], logvar [L, r]) pairs, got {type(heads).__name__}'
+                        + (' of ' + ', '.join(sorted({type(h).__name__ for h in heads})) if isinstance(heads, Sequence) else ''))
     if len(heads) == 0:
         raise ValueError('no heads given')
     out = [_check_head(mu, lv, f'head {i} mu') for i, (mu, lv) in enumerate(heads)]
