@@ -44,6 +44,8 @@ def test_kl_map_and_totals():
     torch.testing.assert_close(information_per_patch(kl), kl.sum((1, 2)))
     with pytest.raises(ValueError, match='tokens'):
         kl_map(kl, (3, 3), 1)
+    square = torch.rand(2, 3, 4, 9)
+    torch.testing.assert_close(kl_map(square, 3), kl_map(square, (3, 3)))  # one int: a square grid, as timm's img_size
     with pytest.raises(ValueError, match='batch, depth, heads, tokens'):
         information_per_image(kl[0])
 
@@ -117,3 +119,20 @@ def test_bad_indices():
     gap = timm.create_model('vit_tiny_gap', **SMALL)
     with pytest.raises(ValueError, match='no information bottleneck'):
         active_heads(gap, loader)
+
+
+def test_bad_thresholds_and_loaders():
+    """A KL is never negative, so a negative threshold would count every head active; a tensor of images or a
+    Dataset where the loader belongs yields single images: both are named."""
+    m = small(vib_dim=4)
+    x, loader = data()
+    for bad in (-1e-3, float('nan'), float('inf'), None):
+        with pytest.raises(ValueError, match='threshold'):
+            active_heads(m, loader, threshold=bad)
+        with pytest.raises(ValueError, match='threshold'):
+            active_dims(m, loader, threshold=bad)
+    assert torch.equal(active_heads(m, loader, threshold=0), max_kl(m, loader) > 0)
+    for not_a_loader in (x, loader.dataset):
+        with pytest.raises(TypeError, match=r'got one image \[3, 32, 32\]: pass a DataLoader'):
+            max_kl(m, not_a_loader)
+    torch.testing.assert_close(max_kl(m, [x]), max_kl(m, loader))

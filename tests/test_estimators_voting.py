@@ -52,6 +52,11 @@ def test_votes_inverse_simpson_and_logit_range():
                 torch.tensor([[float('nan'), 0.5, 0.5]])):
         with pytest.raises(ValueError, match='non-negative and sum to one'):
             inverse_simpson(bad)
+    # a NaN patch has no top class (argmax would pick one anyway)
+    logits[1, 2, 0] = float('nan')
+    for f in (vote_fractions, logit_range):
+        with pytest.raises(ValueError, match='NaN'):
+            f(logits)
 
 
 def test_top_fraction():
@@ -78,3 +83,6 @@ def test_model_level_functions_stream_a_loader():
     torch.testing.assert_close(simpson, inverse_simpson(vote_fractions(rec.logits)))
     torch.testing.assert_close(ranges, logit_range(rec.logits))
     assert torch.all((simpson >= 1) & (simpson <= 5))
+    other = timm.create_model('vit_tiny_gap', **dict(SMALL, num_classes=7)).eval()
+    with pytest.raises(ValueError, match='same classes: 5 and 7'):
+        compare_models(a, other, loader)

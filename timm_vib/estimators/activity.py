@@ -5,11 +5,14 @@ a :func:`capture` record; dataset functions take a model and a DataLoader and st
 keeping counts, maxima or a running top-k (never the whole dataset). They run the model under
 :func:`eval_mode` (posterior means, no upstream noise) and leave its modes as they found them.
 """
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 
 from ..information import gaussian_kl
 from .capture import DeviceLike, Record, attention_maps, attention_modules, capture, eval_mode, grid_size, num_prefix_tokens
@@ -21,9 +24,10 @@ __all__ = [
 ]
 
 
-def to_grid(t: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int = 0) -> torch.Tensor:
-    """[..., tokens] -> [..., rows, cols]: drop prefix tokens and lay patch tokens on the patch grid."""
-    gh, gw = grid
+def to_grid(t: torch.Tensor, grid: Union[int, Sequence[int]], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """[..., tokens] -> [..., rows, cols]: drop prefix tokens and lay patch tokens on the patch grid
+    (``grid`` (rows, cols), or one int for a square grid)."""
+    gh, gw = to_2tuple(grid)
     if t.shape[-1] != num_prefix_tokens + gh * gw:
         raise ValueError(
             f'last axis has {t.shape[-1]} tokens, expected {num_prefix_tokens} prefix + {gh}x{gw} patch tokens')
@@ -82,6 +86,10 @@ def _images(batch) -> torch.Tensor:
         batch = batch.get('image', batch.get('pixel_values'))
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f'loader batches must be images or (images, targets), got {type(batch).__name__}')
+    if batch.ndim == 3:
+        # what iterating over a tensor of images, or over a Dataset, yields
+        raise TypeError(f'loader batches must be image batches [B, C, H, W] or (images, targets), got one image '
+                        f'{list(batch.shape)}: pass a DataLoader, or a list of batches such as [images]')
     return batch
 
 
@@ -174,14 +182,23 @@ def max_kl(model: nn.Module, loader: Iterable, device: DeviceLike = None) -> tor
     return out
 
 
+def _check_threshold(threshold: float) -> float:
+    # a KL is never negative: below zero every head or dimension would count as active
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold < math.inf:
+        raise ValueError(f'threshold must be a finite KL in nats >= 0 (the paper: 1e-2), got {threshold!r}')
+    return float(threshold)
+
+
 def active_heads(model: nn.Module, loader: Iterable, threshold: float = 1e-2, device: DeviceLike = None) -> torch.Tensor:
     """Heads whose KL exceeds ``threshold`` nats for at least one patch of the dataset: bool [depth, heads]."""
+    threshold = _check_threshold(threshold)
     return max_kl(model, loader, device) > threshold
 
 
 def active_dims(model: nn.Module, loader: Iterable, threshold: float = 1e-2, device: DeviceLike = None) -> torch.Tensor:
     """Latent dimensions whose own KL term 0.5 (exp(lv) + mu^2 - 1 - lv) exceeds ``threshold`` nats for
     at least one patch: bool [depth, heads, r]; ``.sum(-1)`` counts the active dims of each head."""
+    threshold = _check_threshold(threshold)
     _need_bottleneck(model, allow_attention_free=False)
     out = None
     with eval_mode(model):  # modes back on return or error, not only when the generator is collected

@@ -23,6 +23,9 @@ def _check_patch_logits(logits: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f'patch logits must be [batch, tokens, classes], got {shape}')
+    # argmax of a NaN row is an arbitrary class: a vote nobody cast
+    if not torch.isfinite(logits).all():
+        raise ValueError('patch logits have NaN or infinite entries')
 
 
 def patch_votes(logits: torch.Tensor) -> torch.Tensor:
@@ -102,7 +105,10 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, loader: Iterable, dev
     with torch.no_grad(), eval_mode(model_a), eval_mode(model_b):
         for batch in loader:
             x = _images(batch).to(device)
-            out.append(js_divergence(model_a(x).softmax(-1), model_b(x.to(_device(model_b, None))).softmax(-1).to(device)).cpu())
+            a, b = model_a(x), model_b(x.to(_device(model_b, None))).to(device)
+            if a.shape != b.shape:
+                raise ValueError(f'the two models do not classify into the same classes: {a.shape[-1]} and {b.shape[-1]} outputs')
+            out.append(js_divergence(a.softmax(-1), b.softmax(-1)).cpu())
     if not out:
         raise ValueError('the loader yielded no batches')
     return torch.cat(out)
