@@ -2,7 +2,6 @@
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import timm_vib
 from timm_vib.estimators import capture
