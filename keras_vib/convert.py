@@ -31,7 +31,8 @@ _SUPPORTED_ARGS = {'img_size', 'patch_size', 'in_chans', 'num_classes', 'embed_d
 # (initialisation options count among the latter: the converted weights replace the initial ones)
 _IGNORED_ARGS = {'drop_rate', 'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate',
                  'patch_drop_rate', 'stochastic_eval', 'dynamic_img_size', 'dynamic_img_pad',
-                 'pretrained_cfg_overlay', 'pretrained_strict', 'weight_init', 'fix_init', 'vib_small_init_dec'}
+                 'pretrained_cfg_overlay', 'pretrained_strict', 'weight_init', 'fix_init', 'vib_small_init_dec',
+                 'pos_embed_init'}
 _DEFAULT_ARGS = {'class_token': False, 'global_pool': 'avg', 'fc_norm': False, 'reg_tokens': 0,
                  'qk_norm': False, 'init_values': None, 'no_embed_class': False, 'pre_norm': False,
                  'proj_bias': True, 'final_norm': True}

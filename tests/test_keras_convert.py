@@ -133,12 +133,12 @@ def test_hand_written_folder_with_beta_in_model_args(tmp_path):
 
 
 def test_folder_of_a_run_with_an_init_option(tmp_path):
-    """What `timm-vib train` writes for the demo's runs: model_args with vib_small_init_dec, an option of the
-    initial weights only, which the converted weights replace."""
+    """What `timm-vib train` writes for the demo's runs: model_args with vib_small_init_dec and pos_embed_init,
+    options of the initial weights only, which the converted weights replace."""
     from timm_vib.checkpoints import save_model
-    m = timm_model('vit_tiny_vib_b1', vib_dim=4, vib_small_init_dec=True, vib_logvar_init=0.0)
+    m = timm_model('vit_tiny_vib_b1', vib_dim=4, vib_small_init_dec=True, vib_logvar_init=0.0, pos_embed_init='sincos')
     save_model(m, tmp_path, model_args=dict(img_size=32, patch_size=8, depth=2, num_classes=5,
-                                            vib_small_init_dec=True, vib_logvar_init=0.0))
+                                            vib_small_init_dec=True, vib_logvar_init=0.0, pos_embed_init='sincos'))
     km = from_timm(tmp_path)
     assert km.name == 'vit_tiny_vib_b1' and km.vib_dim == 4
     check_equivalent(m, km, 'run folder')

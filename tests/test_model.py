@@ -299,6 +299,40 @@ def test_small_init_dec_starts_as_independent_patches():
     assert 0 < shift[True] < 0.01 * shift[False]
 
 
+@pytest.mark.parametrize('name', ['vit_tiny_vib', 'vit_tiny_noattn', 'vit_tiny_gap'])
+def test_sincos_pos_embed_init(name):
+    """pos_embed_init='sincos': the learned position embedding starts at the 2-D sin-cos embedding, whose
+    Gram matrix is a function of the offset between two patches only:
+    <p(y, x), p(y', x')> = sum_k cos(w_k (y - y')) + cos(w_k (x - x')), w_k = 10000^(-k / (C / 4)).
+    Every other weight is drawn exactly as with timm's init, and init_weights() keeps the choice."""
+    kw = dict(img_size=(24, 40), patch_size=8, embed_dim=48, num_heads=3)  # a 3 x 5 grid
+    base, sincos = small(name, **kw), small(name, pos_embed_init='sincos', **kw)
+    b, s = base.state_dict(), sincos.state_dict()
+    assert [k for k in b if not torch.equal(b[k], s[k])] == ['pos_embed']
+    pe = sincos.pos_embed[0].detach().double()  # [15, 48]
+    y, x = torch.div(torch.arange(15), 5, rounding_mode='floor'), torch.arange(15) % 5
+    w = 10000.0 ** (-torch.arange(12, dtype=torch.float64) / 12)
+    gram = (torch.cos(w * (y[:, None, None] - y[None, :, None])) + torch.cos(w * (x[:, None, None] - x[None, :, None]))).sum(-1)
+    torch.testing.assert_close(pe @ pe.T, gram, rtol=0, atol=1e-5)
+    assert base.pos_embed.std() < 0.05  # timm's: std 0.02; the sin-cos rows have norm sqrt(C / 2) (the diagonal)
+    with torch.no_grad():
+        sincos.pos_embed.zero_()
+    sincos.init_weights()
+    torch.testing.assert_close(sincos.pos_embed[0].double(), pe)
+    assert sincos.pos_embed.requires_grad  # learned, only started there
+
+
+def test_sincos_pos_embed_with_a_class_token_and_bad_values():
+    m = small('vit_tiny_gap', pos_embed_init='sincos', class_token=True, global_pool='token', embed_dim=48, num_heads=3)
+    ref = small('vit_tiny_gap', class_token=True, global_pool='token', embed_dim=48, num_heads=3)
+    assert torch.equal(m.pos_embed[:, :1], ref.pos_embed[:, :1])  # the class token's row keeps timm's init
+    assert not torch.allclose(m.pos_embed[:, 1:], ref.pos_embed[:, 1:])
+    with pytest.raises(ValueError, match=r"pos_embed_init must be one of \('trunc_normal', 'sincos'\), got 'sin'"):
+        small(pos_embed_init='sin')
+    with pytest.raises(ValueError, match='embed_dim divisible by 4.*got 54'):
+        small(pos_embed_init='sincos', embed_dim=54, num_heads=3)
+
+
 def _reference_layout_state_dict(model, hidden):
     """What murphyka/vit_ib's ViTWithHeadIB.state_dict() holds for the same weights: the class-token ViT
     under vit.*, its blocks again under blocks.N.blk.*, one nn.Linear / Sequential(Linear, GELU, Linear)

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function
+from timm.layers import DropPath, LayerScale, Mlp, build_sincos2d_pos_embed, register_notrace_function
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
@@ -43,9 +43,11 @@ from .information import gaussian_kl
 __all__ = [
     'HeadBottleneck', 'VIBAttention', 'VIBBlock', 'MlpBlock', 'VisionTransformerVIB',
     'vibify', 'convert_reference_state_dict', 'beta_from_name', 'name_for_beta', 'HUB_NAMESPACE', 'ATTN_MODES', 'MODEL_NAMES',
+    'POS_EMBED_INITS',
 ]
 
 ATTN_MODES = ('vib', 'none', 'plain')
+POS_EMBED_INITS = ('trunc_normal', 'sincos')
 
 # leaves of plain torch.fx.symbolic_trace too (timm's tracers know them already)
 torch.fx.wrap('maybe_add_mask')
@@ -794,6 +796,10 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
         vib_small_init_dec: start every decoder's last layer near zero (the reference code's
             ``small_init_dec``): the model starts as independent patches.
         stochastic_eval: sample z in eval mode too (default: the posterior mean).
+        pos_embed_init: ``'trunc_normal'`` timm's learned position embedding init (std 0.02);
+            ``'sincos'`` the same learned embedding started at the 2-D sin-cos embedding of MAE and of
+            Beyer et al.'s plain ViT (timm's ``build_sincos2d_pos_embed``; patch tokens only): tokens
+            know where they are from the first step. Needs embed_dim divisible by 4.
         **kwargs: timm ``VisionTransformer`` arguments, passed straight through.
     """
 
@@ -806,10 +812,16 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
             vib_logvar_init: float = -6.0,
             vib_small_init_dec: bool = False,
             stochastic_eval: bool = False,
+            pos_embed_init: Literal['trunc_normal', 'sincos'] = 'trunc_normal',
             **kwargs: Any,
     ) -> None:
         if attn_mode not in ATTN_MODES:
             raise ValueError(f'attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}')
+        if pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(f'pos_embed_init must be one of {POS_EMBED_INITS}, got {pos_embed_init!r}')
+        if pos_embed_init == 'sincos' and kwargs.get('embed_dim', 768) % 4:
+            raise ValueError(f"pos_embed_init='sincos' needs embed_dim divisible by 4 (a sine and a cosine per "
+                             f"axis), got {kwargs.get('embed_dim', 768)}")
         beta = _check_beta(beta)
         vib_dim = _check_vib_dim(vib_dim)
         vib_hidden = _check_vib_hidden(vib_hidden)
@@ -829,6 +841,24 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
         self.beta = beta
         if attn_mode == 'vib':
             self.stochastic_eval = stochastic_eval
+        self.pos_embed_init = pos_embed_init
+        if kwargs.get('weight_init') != 'skip':
+            self._init_pos_embed()
+
+    def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
+        """timm's init, then the position embedding of ``pos_embed_init``."""
+        super().init_weights(mode, needs_reset)
+        if hasattr(self, 'pos_embed_init'):  # timm's __init__ calls this before the attribute exists
+            self._init_pos_embed()
+
+    def _init_pos_embed(self) -> None:
+        # after timm's init, so that 'sincos' draws every other weight exactly as 'trunc_normal' does
+        if self.pos_embed_init != 'sincos' or self.pos_embed is None:
+            return
+        gh, gw = self.patch_embed.grid_size
+        pe = build_sincos2d_pos_embed([gh, gw], self.embed_dim, device=self.pos_embed.device)
+        with torch.no_grad():  # the last gh * gw rows: prefix tokens, if embedded, keep timm's init
+            self.pos_embed[:, -gh * gw:].copy_(pe.to(self.pos_embed.dtype))
 
 
 _vibified_classes: Dict[type, type] = {VisionTransformer: VisionTransformerVIB}
