@@ -77,6 +77,22 @@ def test_captions_and_table_match_the_runs(demo):
             assert re.search(rf"\| {re.escape(f'{r.beta:g}')} \|.*\| {len(heads)}", md)
 
 
+def test_every_model_of_the_demo_starts_from_the_same_position_embedding(demo, tmp_path):
+    """The preset's pos_embed_init reaches every run, the two ends included (the spectrum compares models
+    that differ in attention only), and --pos-embed-init overrides it."""
+    from timm_vib.checkpoints import load_model
+    runs = sorted((demo / 'runs' / 'seed0').iterdir())
+    assert len(runs) == 4
+    for run in runs:
+        cfg = json.loads((run / 'run_config.json').read_text())
+        assert cfg['args']['model_kwargs']['pos_embed_init'] == 'sincos', run.name
+        assert load_model(run).pos_embed_init == 'sincos'
+    import argparse
+    from timm_vib.demo import PRESETS, _settings, _train_argv, add_demo_args
+    args = add_demo_args(argparse.ArgumentParser()).parse_args(['--smallest', '--pos-embed-init', 'trunc_normal'])
+    assert 'pos_embed_init=trunc_normal' in _train_argv(_settings(args), args, 'vit_tiny_noattn', tmp_path)
+
+
 def test_demo_reuses_finished_runs(demo, capsys):
     from timm_vib import training
     from timm_vib.demo import PRESETS, _reusable, _train_argv, add_demo_args
