@@ -4,7 +4,9 @@ every parameter moved, with and without the information price (docs/spectrum.md,
     python docs/experiments/early_steps.py --logvar-init -6 --beta 10 --steps 60 --small-init-dec
 
 The demo's default preset (digits, its model, AdamW, timm's cosine schedule with its warm-ups, the
-beta ramp) except the posterior's init, which is the experiment's variable; one CPU thread.
+beta ramp) except the posterior's init, which is the experiment's variable, and the position embedding,
+which keeps timm's init (the demo's when section 4c was measured; it now starts at sin-cos, 4e); one CPU
+thread.
 """
 import argparse
 import copy

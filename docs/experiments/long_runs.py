@@ -1,14 +1,15 @@
 """Learning curves of a demo trained for longer: top-1 at a few epochs and at the end, mean ± std over seeds,
 and a figure of the curves (docs/spectrum.md, section 4d).
 
-    timm-vib demo --epochs 90 --beta-warmup-epochs 9 --output runs/long90                 # ~45 min on 2 cores
-    timm-vib demo --epochs 90 --beta-warmup-epochs 9 --vib-logvar-init -6 --betas 10,0.01 --no-ends --seeds 0 \
-        --output runs/long90_m6                                                            # the reference's start
+    timm-vib demo --epochs 90 --beta-warmup-epochs 9 --pos-embed-init trunc_normal --output runs/long90  # ~45 min
+    timm-vib demo --epochs 90 --beta-warmup-epochs 9 --pos-embed-init trunc_normal --vib-logvar-init -6 \
+        --betas 10,0.01 --no-ends --seeds 0 --output runs/long90_m6                        # the reference's start
     python docs/experiments/long_runs.py runs/long90/runs docs/figures/spectrum_90_epochs.png \
         --extra 'beta 10, logvar init -6 (reference)=runs/long90_m6/runs/seed0/vit_tiny_vib_b10' \
         --extra 'beta 0.01, logvar init -6 (reference)=runs/long90_m6/runs/seed0/vit_tiny_vib_b0p01'
 
-ROOT is a demo's or sweep's runs folder (seed<S>/<model>); each --extra 'LABEL=RUN_DIR' adds one run, drawn dotted.
+(`--pos-embed-init trunc_normal`: section 4d was measured with timm's position init, before the demo started
+from the sin-cos embedding.) ROOT is a demo's or sweep's runs folder (seed<S>/<model>); each --extra 'LABEL=RUN_DIR' adds one run, drawn dotted.
 """
 import argparse
 import statistics as st

@@ -7,8 +7,8 @@ from the bottlenecks, at K times the compute (docs/spectrum.md, section 4c).
         --data digits --epochs 15 --batch-size 64 --lr 3e-3 --warmup-epochs 2 --beta-warmup-epochs 1.5 \
         --stochastic-eval 3 --seed 0 --output runs/z_samples/k4_seed0
 
-Every argument goes to `timm-vib`; with K=1 the run is the demo's run of the same seed (checked: the same
-top-1 to the last digit). Validation is unchanged (one z per image per pass). An experiment, not a feature:
+Every argument goes to `timm-vib`; with K=1 the run is the demo's run of the same seed with timm's position
+init (`timm-vib demo --pos-embed-init trunc_normal`; checked: the same top-1 to the last digit). Validation is unchanged (one z per image per pass). An experiment, not a feature:
 the training loader is patched for this process only.
 """
 import os
