@@ -845,9 +845,10 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
         if kwargs.get('weight_init') != 'skip':
             self._init_pos_embed()
 
-    def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
-        """timm's init, then the position embedding of ``pos_embed_init``."""
-        super().init_weights(mode, needs_reset)
+    def init_weights(self, *args: Any, **kwargs: Any) -> None:
+        """timm's init (its arguments passed through: they differ between timm versions), then the position
+        embedding of ``pos_embed_init``."""
+        super().init_weights(*args, **kwargs)
         if hasattr(self, 'pos_embed_init'):  # timm's __init__ calls this before the attribute exists
             self._init_pos_embed()
 
