@@ -84,6 +84,24 @@ def test_card_names_how_the_run_validated(sweep, tmp_path):
     assert card.data.eval_results[0].metric_value == pytest.approx(plain['val_top1'], abs=1e-3)  # no sampled passes
 
 
+def test_card_states_the_initial_weights(sweep, tmp_path):
+    """How the weights started shapes what a short run learns (docs/spectrum.md): the card says it, from the
+    config's model_args, with the constructor's defaults where they are left out."""
+    import shutil
+    from timm_vib.hub import build_card
+    default = build_card(sweep / 'vit_tiny_vib_b4', 'testorg/b4').text
+    assert ("- initial weights: posterior log-variance bias -6.0; position embedding timm's (truncated normal, "
+            "std 0.02); timm's init otherwise") in default
+    run = tmp_path / 'b4'
+    shutil.copytree(sweep / 'vit_tiny_vib_b4', run)
+    cfg = json.loads((run / 'config.json').read_text())
+    cfg['model_args'].update(vib_logvar_init=0.0, vib_small_init_dec=True, pos_embed_init='sincos')
+    (run / 'config.json').write_text(json.dumps(cfg))
+    assert ("- initial weights: posterior log-variance bias 0.0, decoders' last layers near zero (the reference "
+            "code's `small_init_dec`); position embedding started at the 2-D sin-cos embedding") in build_card(run, 'testorg/b4').text
+    assert "- initial weights: position embedding timm's" in build_card(sweep / 'vit_tiny_noattn', 'testorg/n').text
+
+
 def test_loaded_three_ways_gives_identical_logits_and_kl(hub_folder, tmp_path):
     # a temporary Hub cache holding the folder as the cached snapshot of testorg/vit_tiny_vib_b4.in100
     repo = tmp_path / 'cache' / 'models--testorg--vit_tiny_vib_b4.in100'

@@ -7,6 +7,7 @@ from ``hub_cards/`` (template + per-model metadata) with huggingface_hub's ``Mod
 ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``; the registered names load their default
 repos under ``TIMM_VIB_HUB_NAMESPACE`` with ``pretrained=True``.
 """
+import inspect
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from .errors import command
 from .files import move_into, staging_folder
 from .figures import plot_accuracy_vs_information
 from .runs import RUN_FILES, find_runs, is_finished, read_json as _read_json, read_summary, run_top1
-from .vision_transformer_vib import name_for_beta
+from .vision_transformer_vib import VisionTransformerVIB, name_for_beta
 
 __all__ = ['export', 'push', 'push_sweep', 'build_card', 'repo_name', 'HubUnreachableError', 'FIGURE_NAME']
 
@@ -99,6 +100,9 @@ def build_card(run_dir: PathLike, repo_id: str, figure: Optional[str] = None) ->
             'nats_per_image', 'nats_per_patch', 'num_active_heads', 'active_heads', 'stochastic_eval')},
     )
     args = timm_cfg.get('model_args', {})
+    # the initial weights' options, as created (the constructor's defaults where the config leaves them out)
+    init_defaults = {k: p.default for k, p in inspect.signature(VisionTransformerVIB.__init__).parameters.items()}
+    init = {k: args.get(k, init_defaults[k]) for k in ('vib_logvar_init', 'vib_small_init_dec', 'pos_embed_init')}
     img = args.get('img_size', timm_cfg.get('pretrained_cfg', {}).get('input_size', [3, 224])[-1])
     img = img[0] if isinstance(img, (list, tuple)) else img
     template = resources.files('hub_cards').joinpath('modelcard_template.md').read_text()
@@ -140,6 +144,7 @@ def build_card(run_dir: PathLike, repo_id: str, figure: Optional[str] = None) ->
         beta_warmup_epochs=run_cfg.get('beta_warmup_epochs', 0),
         beta_schedule=run_cfg.get('beta_schedule', 'linear'),
         vib_hidden=summary.get('vib_hidden', args.get('vib_hidden')),
+        init=init,
     )
 
 
