@@ -27,12 +27,11 @@ CONFIG_NAME = 'config.json'
 
 # timm model_args keys keras_vib reproduces, and those that only matter for training / input handling
 _SUPPORTED_ARGS = {'img_size', 'patch_size', 'in_chans', 'num_classes', 'embed_dim', 'depth', 'num_heads',
-                   'mlp_ratio', 'qkv_bias', 'vib_dim', 'vib_hidden', 'beta', 'vib_logvar_init', 'attn_mode'}
-# (initialisation options count among the latter: the converted weights replace the initial ones)
+                   'mlp_ratio', 'qkv_bias', 'vib_dim', 'vib_hidden', 'beta', 'vib_logvar_init', 'attn_mode',
+                   'vib_small_init_dec', 'pos_embed_init'}
 _IGNORED_ARGS = {'drop_rate', 'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate',
                  'patch_drop_rate', 'stochastic_eval', 'dynamic_img_size', 'dynamic_img_pad',
-                 'pretrained_cfg_overlay', 'pretrained_strict', 'weight_init', 'fix_init', 'vib_small_init_dec',
-                 'pos_embed_init'}
+                 'pretrained_cfg_overlay', 'pretrained_strict', 'weight_init', 'fix_init'}
 _DEFAULT_ARGS = {'class_token': False, 'global_pool': 'avg', 'fc_norm': False, 'reg_tokens': 0,
                  'qk_norm': False, 'init_values': None, 'no_embed_class': False, 'pre_norm': False,
                  'proj_bias': True, 'final_norm': True}
@@ -158,7 +157,8 @@ def _config_from_folder_json(cfg: Mapping[str, Any], where: str) -> Dict[str, An
                           ('embed_dim', 'embed_dim'), ('depth', 'depth'), ('num_heads', 'num_heads'),
                           ('mlp_ratio', 'mlp_ratio'), ('qkv_bias', 'qkv_bias'), ('vib_dim', 'vib_dim'),
                           ('vib_hidden', 'vib_hidden'),
-                          ('beta', 'beta'), ('vib_logvar_init', 'vib_logvar_init')):
+                          ('beta', 'beta'), ('vib_logvar_init', 'vib_logvar_init'),
+                          ('vib_small_init_dec', 'vib_small_init_dec'), ('pos_embed_init', 'pos_embed_init')):
         if timm_key in args:
             out[key] = args[timm_key]
     if 'num_classes' in args or 'num_classes' in cfg:
@@ -265,6 +265,8 @@ def _from_module(m) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], str]:
                  layer_norm_epsilon=float(m.norm.eps), attn_mode=m.attn_mode)
     if m.attn_mode == 'vib':
         extra['vib_logvar_init'] = float(m.blocks[0].attn.vib.logvar_init)
+        extra['vib_small_init_dec'] = bool(m.blocks[0].attn.vib.small_init_dec)
+    extra['pos_embed_init'] = getattr(m, 'pos_embed_init', 'trunc_normal')
     return {k: _to_numpy(v) for k, v in m.state_dict().items()}, extra, type(m).__name__
 
 

@@ -9,11 +9,12 @@ import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import keras
+import numpy as np
 from keras import ops
 
 __all__ = [
     'GaussianBottleneck', 'VIBMultiHeadAttention', 'TransformerBlock', 'MlpBlock', 'PatchEmbedding',
-    'PoolingHead', 'gaussian_kl', 'check_images',
+    'PoolingHead', 'gaussian_kl', 'check_images', 'sincos_2d', 'POS_EMBED_INITS',
 ]
 
 _register = keras.saving.register_keras_serializable(package='keras_vib')
@@ -34,6 +35,19 @@ def gaussian_kl(mu, logvar):
     mu = ops.cast(mu, 'float32')
     logvar = ops.cast(logvar, 'float32')
     return 0.5 * ops.sum(ops.expm1(logvar) - logvar + ops.square(mu), axis=-1)
+
+
+POS_EMBED_INITS = ('trunc_normal', 'sincos')
+
+
+def sincos_2d(grid_size: Tuple[int, int], dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """The 2-D sin-cos position embedding [rows * cols, dim] of a patch grid, row-major, laid out as timm's
+    ``build_sincos2d_pos_embed``: [sin(y w), sin(x w), cos(y w), cos(x w)], w_k = temperature^(-k / (dim / 4))."""
+    gh, gw = grid_size
+    bands = temperature ** (-np.arange(dim // 4) / (dim // 4))
+    y, x = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')
+    pos = np.stack([y.ravel(), x.ravel()], 1)[..., None] * bands  # [N, 2, dim / 4]
+    return np.concatenate([np.sin(pos), np.cos(pos)], 1).reshape(gh * gw, dim).astype('float32')
 
 
 def _as_pair(v: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
@@ -85,6 +99,8 @@ class GaussianBottleneck(keras.layers.Layer):
         logvar_clamp: (min, max) of the log-variance.
         seed: seed of the noise.
         vib_hidden: hidden width of the encoder / decoder MLPs; 0 = linear.
+        small_init_dec: start the decoder's last layer at N(0, 1e-4^2) (timm_vib's ``vib_small_init_dec``,
+            the reference code's ``small_init_dec``): the head starts writing almost nothing.
 
     ``call(x, return_latents=True)`` returns (decoded, mu, logvar) with mu, logvar [..., heads, r].
     """
@@ -99,6 +115,7 @@ class GaussianBottleneck(keras.layers.Layer):
             logvar_clamp: Sequence[float] = (-10.0, 10.0),
             seed: Optional[int] = None,
             vib_hidden: int = 0,
+            small_init_dec: bool = False,
             **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -115,6 +132,7 @@ class GaussianBottleneck(keras.layers.Layer):
         self.logvar_init = float(logvar_init)
         self.logvar_clamp = tuple(float(v) for v in logvar_clamp)
         self.seed = seed
+        self.small_init_dec = bool(small_init_dec)
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape) -> None:
@@ -130,6 +148,8 @@ class GaussianBottleneck(keras.layers.Layer):
         def weight(name, fan_in, fan_out):
             # nn.Linear's scale-preserving uniform init, per head (as timm_vib.HeadBottleneck)
             init = keras.initializers.RandomUniform(-fan_in ** -0.5, fan_in ** -0.5)
+            if name == 'dec_weight' and self.small_init_dec:
+                init = keras.initializers.RandomNormal(stddev=1e-4)
             return self.add_weight(name=name, shape=(H, fan_in, fan_out), initializer=init)
 
         if h:
@@ -233,7 +253,7 @@ class GaussianBottleneck(keras.layers.Layer):
         config.update(
             num_heads=self.num_heads, head_dim=self.head_dim, vib_dim=self.vib_dim, kl_weight=self.kl_weight,
             logvar_init=self.logvar_init, logvar_clamp=list(self.logvar_clamp), seed=self.seed,
-            vib_hidden=self.vib_hidden)
+            vib_hidden=self.vib_hidden, small_init_dec=self.small_init_dec)
         return config
 
 
@@ -261,6 +281,7 @@ class VIBMultiHeadAttention(keras.layers.Layer):
             logvar_init: float = -6.0,
             seed: Optional[int] = None,
             vib_hidden: int = 0,
+            small_init_dec: bool = False,
             **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -275,6 +296,7 @@ class VIBMultiHeadAttention(keras.layers.Layer):
         self.logvar_init = float(logvar_init)
         self.seed = seed
         self.vib_hidden = vib_hidden
+        self.small_init_dec = bool(small_init_dec)
         dd = dict(dtype=self.dtype_policy, kernel_initializer=_dense_init())
         self.qkv = keras.layers.Dense(3 * dim, use_bias=qkv_bias, name='qkv', **dd)
         self.proj = keras.layers.Dense(dim, name='proj', **dd)
@@ -282,7 +304,7 @@ class VIBMultiHeadAttention(keras.layers.Layer):
         if vib_dim is not None:
             self.vib = GaussianBottleneck(
                 self.num_heads, self.head_dim, vib_dim, kl_weight=kl_weight, logvar_init=logvar_init, seed=seed,
-                vib_hidden=vib_hidden, dtype=self.dtype_policy, name='vib')
+                vib_hidden=vib_hidden, small_init_dec=small_init_dec, dtype=self.dtype_policy, name='vib')
 
     def build(self, input_shape) -> None:
         self.qkv.build(input_shape)
@@ -326,7 +348,8 @@ class VIBMultiHeadAttention(keras.layers.Layer):
         config = super().get_config()
         config.update(
             dim=self.dim, num_heads=self.num_heads, vib_dim=self.vib_dim, qkv_bias=self.qkv_bias,
-            kl_weight=self.kl_weight, logvar_init=self.logvar_init, seed=self.seed, vib_hidden=self.vib_hidden)
+            kl_weight=self.kl_weight, logvar_init=self.logvar_init, seed=self.seed, vib_hidden=self.vib_hidden,
+            small_init_dec=self.small_init_dec)
         return config
 
 
@@ -375,10 +398,12 @@ class TransformerBlock(keras.layers.Layer):
             layer_norm_epsilon: float = 1e-6,
             seed: Optional[int] = None,
             vib_hidden: int = 0,
+            small_init_dec: bool = False,
             **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.vib_hidden = vib_hidden
+        self.small_init_dec = bool(small_init_dec)
         self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
         self.vib_dim, self.qkv_bias, self.kl_weight = vib_dim, bool(qkv_bias), float(kl_weight)
         self.logvar_init, self.layer_norm_epsilon, self.seed = float(logvar_init), float(layer_norm_epsilon), seed
@@ -386,7 +411,7 @@ class TransformerBlock(keras.layers.Layer):
         self.norm1 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dt, name='norm1')
         self.attn = VIBMultiHeadAttention(
             dim, num_heads, vib_dim=vib_dim, qkv_bias=qkv_bias, kl_weight=kl_weight, logvar_init=logvar_init,
-            seed=seed, vib_hidden=vib_hidden, dtype=dt, name='attn')
+            seed=seed, vib_hidden=vib_hidden, small_init_dec=small_init_dec, dtype=dt, name='attn')
         self.norm2 = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dt, name='norm2')
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), dtype=dt, name='mlp')
 
@@ -408,7 +433,8 @@ class TransformerBlock(keras.layers.Layer):
         config.update(
             dim=self.dim, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, vib_dim=self.vib_dim,
             qkv_bias=self.qkv_bias, kl_weight=self.kl_weight, logvar_init=self.logvar_init,
-            layer_norm_epsilon=self.layer_norm_epsilon, seed=self.seed, vib_hidden=self.vib_hidden)
+            layer_norm_epsilon=self.layer_norm_epsilon, seed=self.seed, vib_hidden=self.vib_hidden,
+            small_init_dec=self.small_init_dec)
         return config
 
 
@@ -448,7 +474,9 @@ class PatchEmbedding(keras.layers.Layer):
     """Images [batch, height, width, channels] -> tokens [batch, (height/p) * (width/p), embed_dim].
 
     A stride-p convolution (timm's ``patch_embed.proj``), tokens in row-major patch order, plus a
-    learned position embedding ``pos_embed`` [1, tokens, embed_dim] (no class token).
+    learned position embedding ``pos_embed`` [1, tokens, embed_dim] (no class token), started at timm's
+    truncated normal (std 0.02) or, with ``pos_embed_init='sincos'``, at the 2-D sin-cos embedding
+    (:func:`sincos_2d`, timm's ``build_sincos2d_pos_embed``).
     """
 
     def __init__(
@@ -457,9 +485,16 @@ class PatchEmbedding(keras.layers.Layer):
             patch_size: Union[int, Sequence[int]] = 16,
             embed_dim: int = 192,
             in_chans: int = 3,
+            pos_embed_init: str = 'trunc_normal',
             **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(f'pos_embed_init must be one of {POS_EMBED_INITS}, got {pos_embed_init!r}')
+        if pos_embed_init == 'sincos' and embed_dim % 4:
+            raise ValueError(f"pos_embed_init='sincos' needs embed_dim divisible by 4 (a sine and a cosine per "
+                             f"axis), got {embed_dim}")
+        self.pos_embed_init = pos_embed_init
         self.image_size = _as_pair(image_size, 'image_size')
         self.patch_size = _as_pair(patch_size, 'patch_size')
         if any(s % p for s, p in zip(self.image_size, self.patch_size)):
@@ -475,9 +510,11 @@ class PatchEmbedding(keras.layers.Layer):
     def build(self, input_shape) -> None:
         check_images(input_shape, self.image_size, self.in_chans, self.name)
         self.proj.build((None,) + self.image_size + (self.in_chans,))
-        self.pos_embed = self.add_weight(
-            name='pos_embed', shape=(1, self.num_patches, self.embed_dim),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02))
+        init = keras.initializers.TruncatedNormal(stddev=0.02)
+        if self.pos_embed_init == 'sincos':
+            table = sincos_2d(self.grid_size, self.embed_dim)[None]
+            init = lambda shape, dtype=None: ops.convert_to_tensor(table, dtype=dtype)  # noqa: E731
+        self.pos_embed = self.add_weight(name='pos_embed', shape=(1, self.num_patches, self.embed_dim), initializer=init)
 
     def call(self, images):
         check_images(images.shape, self.image_size, self.in_chans, self.name)
@@ -492,7 +529,7 @@ class PatchEmbedding(keras.layers.Layer):
         config = super().get_config()
         config.update(
             image_size=list(self.image_size), patch_size=list(self.patch_size), embed_dim=self.embed_dim,
-            in_chans=self.in_chans)
+            in_chans=self.in_chans, pos_embed_init=self.pos_embed_init)
         return config
 
 

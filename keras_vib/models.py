@@ -59,6 +59,8 @@ class VisionTransformerVIB(keras.Model):
         vib_logvar_init: initial log-variance bias of the posteriors.
         layer_norm_epsilon: LayerNorm epsilon (timm's ViT: 1e-6).
         seed: seed of the bottleneck noise (layer i gets seed + i).
+        vib_small_init_dec: start every decoder's last layer near zero (timm_vib's option of that name).
+        pos_embed_init: 'trunc_normal' (timm's) or 'sincos' (started at the 2-D sin-cos embedding), as timm_vib.
         **kwargs: name, dtype (a dtype policy such as 'mixed_bfloat16', passed to every sublayer), trainable.
     """
 
@@ -80,6 +82,8 @@ class VisionTransformerVIB(keras.Model):
             layer_norm_epsilon: float = 1e-6,
             seed: Optional[int] = None,
             vib_hidden: int = 64,
+            vib_small_init_dec: bool = False,
+            pos_embed_init: str = 'trunc_normal',
             **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -99,10 +103,12 @@ class VisionTransformerVIB(keras.Model):
         self.qkv_bias, self.attn_mode, self.vib_dim = bool(qkv_bias), attn_mode, vib_dim
         self.vib_logvar_init, self.layer_norm_epsilon, self.seed = float(vib_logvar_init), float(layer_norm_epsilon), seed
         self.vib_hidden = vib_hidden
+        self.vib_small_init_dec, self.pos_embed_init = bool(vib_small_init_dec), pos_embed_init
         self._beta = _check_beta(beta)
         dt = self.dtype_policy
         self.patch_embed = PatchEmbedding(
-            self.image_size, self.patch_size, embed_dim, in_chans, dtype=dt, name='patch_embed')
+            self.image_size, self.patch_size, embed_dim, in_chans, pos_embed_init=pos_embed_init, dtype=dt,
+            name='patch_embed')
         self.blocks = []
         for i in range(self.depth):
             if attn_mode == 'none':
@@ -112,7 +118,7 @@ class VisionTransformerVIB(keras.Model):
                     embed_dim, num_heads, mlp_ratio, vib_dim=vib_dim if attn_mode == 'vib' else None,
                     qkv_bias=qkv_bias, kl_weight=0.0, logvar_init=vib_logvar_init,
                     layer_norm_epsilon=layer_norm_epsilon, seed=None if seed is None else seed + i,
-                    vib_hidden=vib_hidden, dtype=dt, name=f'blocks_{i}')
+                    vib_hidden=vib_hidden, small_init_dec=vib_small_init_dec, dtype=dt, name=f'blocks_{i}')
             self.blocks.append(blk)
         self.head = PoolingHead(num_classes, layer_norm_epsilon, dtype=dt, name='head')
         self.build((None,) + self.image_size + (self.in_chans,))
@@ -213,7 +219,8 @@ class VisionTransformerVIB(keras.Model):
             num_classes=self.num_classes, embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
             mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, attn_mode=self.attn_mode, vib_dim=self.vib_dim,
             beta=self.beta, vib_logvar_init=self.vib_logvar_init, layer_norm_epsilon=self.layer_norm_epsilon,
-            seed=self.seed, vib_hidden=self.vib_hidden)
+            seed=self.seed, vib_hidden=self.vib_hidden, vib_small_init_dec=self.vib_small_init_dec,
+            pos_embed_init=self.pos_embed_init)
         return config
 
     @classmethod

@@ -141,7 +141,17 @@ def test_folder_of_a_run_with_an_init_option(tmp_path):
                                             vib_small_init_dec=True, vib_logvar_init=0.0, pos_embed_init='sincos'))
     km = from_timm(tmp_path)
     assert km.name == 'vit_tiny_vib_b1' and km.vib_dim == 4
+    assert km.vib_small_init_dec and km.pos_embed_init == 'sincos'  # the config, as it was created
     check_equivalent(m, km, 'run folder')
+    same = lambda cfg: {k: v for k, v in cfg.items() if k != 'name'}  # noqa: E731  (a module has no registered name)
+    assert same(from_timm(m).get_config()) == same(km.get_config())
+
+
+def test_sincos_table_is_timms():
+    from timm.layers import build_sincos2d_pos_embed
+    from keras_vib.layers import sincos_2d
+    for grid, dim in (((4, 4), 48), ((3, 5), 32), ((1, 7), 8)):
+        np.testing.assert_allclose(sincos_2d(grid, dim), build_sincos2d_pos_embed(list(grid), dim).numpy(), atol=1e-6)
 
 
 def test_from_timm_refuses_to_guess_the_head_count():

@@ -103,7 +103,8 @@ def test_get_config_round_trip_and_dtype_policy():
     cfg = m.get_config()
     assert set(cfg) == {'name', 'trainable', 'dtype', 'image_size', 'patch_size', 'in_chans', 'num_classes',
                         'embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'qkv_bias', 'attn_mode', 'vib_dim',
-                        'beta', 'vib_logvar_init', 'layer_norm_epsilon', 'seed', 'vib_hidden'}
+                        'beta', 'vib_logvar_init', 'layer_norm_epsilon', 'seed', 'vib_hidden', 'vib_small_init_dec',
+                        'pos_embed_init'}
     again = VisionTransformerVIB.from_config(cfg)
     assert again.get_config() == cfg
     for layer in (m.patch_embed, m.blocks[0], m.blocks[0].attn.vib, m.blocks[1].mlp.fc1, m.head.head):
@@ -111,7 +112,30 @@ def test_get_config_round_trip_and_dtype_policy():
     assert m.blocks[0].attn.qkv.kernel.dtype == 'float32'
     out = kl_and_latents(m, images())
     assert out['kl'].dtype == np.float32 and np.isfinite(out['kl']).all()
-    assert ops.convert_to_numpy(m(images())).dtype != np.float32 or True  # bfloat16 logits on torch
+    assert keras.backend.standardize_dtype(m(images()).dtype) == 'bfloat16'  # the policy's compute dtype, every backend
+
+
+def test_init_options_as_timm_vib():
+    """pos_embed_init='sincos': the position embedding starts at the 2-D sin-cos embedding, whose Gram matrix is
+    the closed form of the patch offsets, sum_k cos(w_k dy) + cos(w_k dx) with w_k = 10000^(-k / (C / 4));
+    vib_small_init_dec: the decoders' last layers start near zero. Both survive get_config and .keras files."""
+    kw = dict(SMALL, image_size=(12, 20), embed_dim=32)  # a 3 x 5 grid
+    m = vit_tiny_vib(pos_embed_init='sincos', vib_small_init_dec=True, **kw)
+    pe = ops.convert_to_numpy(m.patch_embed.pos_embed)[0].astype('float64')  # [15, 32]
+    y, x = np.divmod(np.arange(15), 5)
+    w = 10000.0 ** (-np.arange(8) / 8)
+    gram = (np.cos(w * (y[:, None, None] - y[None, :, None])) + np.cos(w * (x[:, None, None] - x[None, :, None]))).sum(-1)
+    np.testing.assert_allclose(pe @ pe.T, gram, atol=1e-5)
+    default = vit_tiny_vib(**kw)
+    assert np.std(ops.convert_to_numpy(default.patch_embed.pos_embed)) < 0.05  # timm's: std 0.02
+    assert np.abs(ops.convert_to_numpy(m.blocks[0].attn.vib.dec_weight)).max() < 1e-3
+    assert np.abs(ops.convert_to_numpy(default.blocks[0].attn.vib.dec_weight)).max() > 0.05
+    again = VisionTransformerVIB.from_config(m.get_config())
+    assert again.pos_embed_init == 'sincos' and again.blocks[1].attn.vib.small_init_dec
+    with pytest.raises(ValueError, match=r"pos_embed_init must be one of \('trunc_normal', 'sincos'\), got 'sin'"):
+        vit_tiny_vib(pos_embed_init='sin', **SMALL)
+    with pytest.raises(ValueError, match='embed_dim divisible by 4.*got 30'):
+        vit_tiny_vib(pos_embed_init='sincos', **dict(SMALL, embed_dim=30, num_heads=2))
 
 
 def test_keras_save_load_round_trip(tmp_path):
