@@ -201,6 +201,17 @@ def test_negative_threads_is_named(tmp_path, capsys):
     assert '--threads must be >= 0' in capsys.readouterr().err and not (tmp_path / 'd').exists()
 
 
+@pytest.mark.parametrize('jobs', ['1', '2'])
+def test_a_model_setting_the_model_refuses_is_named_before_any_run(tmp_path, capsys, jobs):
+    """An embedding width the sin-cos start cannot use: one line, from the model itself, before any run starts
+    (with --jobs 2 every run's process used to fail on it, with 'rerun the same command to resume them')."""
+    out = tmp_path / 'd'
+    assert main(['demo', '--smallest', '--embed-dim', '30', '--jobs', jobs, '--output', str(out), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert "pos_embed_init='sincos' needs embed_dim divisible by 4" in err and 'rerun' not in err
+    assert not list(out.rglob('*.log')) and not list(out.rglob('run_config.json'))
+
+
 @pytest.mark.parametrize('flag', ['--max-images', '--batch-size', '--nmi-samples'])
 def test_analyze_names_a_count_below_one(demo, tmp_path, capsys, flag):
     run = str(demo / 'runs' / 'seed0' / 'vit_tiny_vib_b1')

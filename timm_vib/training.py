@@ -187,6 +187,11 @@ def check_args(args: argparse.Namespace) -> None:
     model_kwargs = dict(args.model_kwargs)
     if 'patch_size' in model_kwargs:  # the model's own check, before it is built
         check_patch_grid(dict(model_kwargs, img_size=_img_size(args)))
+    if not model_kwargs.get('pretrained'):
+        # every other model kwarg checked by the model itself, on the meta device: nothing allocated, so a
+        # sweep or demo names a bad one once, before launching runs that would each fail on it
+        with torch.device('meta'):
+            build_model(args, num_classes=2)
     check_data(args.data)
 
 
