@@ -88,7 +88,7 @@ def test_every_model_of_the_demo_starts_from_the_same_position_embedding(demo, t
         assert cfg['args']['model_kwargs']['pos_embed_init'] == 'sincos', run.name
         assert load_model(run).pos_embed_init == 'sincos'
     import argparse
-    from timm_vib.demo import PRESETS, _settings, _train_argv, add_demo_args
+    from timm_vib.demo import _settings, _train_argv, add_demo_args
     args = add_demo_args(argparse.ArgumentParser()).parse_args(['--smallest', '--pos-embed-init', 'trunc_normal'])
     assert 'pos_embed_init=trunc_normal' in _train_argv(_settings(args), args, 'vit_tiny_noattn', tmp_path)
 
