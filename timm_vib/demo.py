@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .vision_transformer_vib import POS_EMBED_INITS
+
 __all__ = ['PRESETS', 'add_demo_args', 'run_demo', 'register_cli', 'summary_table']
 
 # Sized for ~10 minutes on 2 CPU cores, report included (measured; see README).
@@ -53,7 +55,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(f'--{name}', type=typ, default=None, help='overrides the preset')
     p.add_argument('--vib-small-init-dec', type=lambda v: {'true': True, 'false': False}[v.lower()], default=None,
                    metavar='{true,false}', help='overrides the preset: decoders start near zero')
-    p.add_argument('--pos-embed-init', choices=('trunc_normal', 'sincos'), default=None,
+    p.add_argument('--pos-embed-init', choices=POS_EMBED_INITS, default=None,
                    help="overrides the preset (sincos): where every model's learned position embedding starts; "
                         "trunc_normal is timm's")
     p.add_argument('--seed', type=int, default=None, help='one seed instead of the preset\'s --seeds')

@@ -162,7 +162,8 @@ _NUMERIC_OPTIONS = {
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Clear errors for bad arguments, before any data is read or model built."""
+    """Clear errors for bad arguments, before any data is read or weights allocated (the model is built on
+    the meta device, so its own checks of its kwargs run here too)."""
     import timm
     import timm_vib  # noqa: F401  (registers the models)
     from .data import check_data

@@ -819,9 +819,6 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
             raise ValueError(f'attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}')
         if pos_embed_init not in POS_EMBED_INITS:
             raise ValueError(f'pos_embed_init must be one of {POS_EMBED_INITS}, got {pos_embed_init!r}')
-        if pos_embed_init == 'sincos' and kwargs.get('embed_dim', 768) % 4:
-            raise ValueError(f"pos_embed_init='sincos' needs embed_dim divisible by 4 (a sine and a cosine per "
-                             f"axis), got {kwargs.get('embed_dim', 768)}")
         beta = _check_beta(beta)
         vib_dim = _check_vib_dim(vib_dim)
         vib_hidden = _check_vib_hidden(vib_hidden)
@@ -841,6 +838,9 @@ class VisionTransformerVIB(VIBMixin, VisionTransformer):
         self.beta = beta
         if attn_mode == 'vib':
             self.stochastic_eval = stochastic_eval
+        if pos_embed_init == 'sincos' and self.embed_dim % 4:
+            raise ValueError(f"pos_embed_init='sincos' needs embed_dim divisible by 4 (a sine and a cosine per "
+                             f"axis), got {self.embed_dim}")
         self.pos_embed_init = pos_embed_init
         if kwargs.get('weight_init') != 'skip':
             self._init_pos_embed()
