@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from timm_vib.estimators import (
     active_dims, active_heads, capture, information_per_image, information_per_patch, kl_map, max_kl,
     mean_information, survival_function, top_patches)
+from timm_vib.information import gaussian_kl
 
 SMALL = dict(img_size=32, patch_size=8, depth=2, num_classes=5)
 
@@ -48,6 +49,12 @@ def test_kl_map_and_totals():
     torch.testing.assert_close(kl_map(square, 3), kl_map(square, (3, 3)))  # one int: a square grid, as timm's img_size
     with pytest.raises(ValueError, match='batch, depth, heads, tokens'):
         information_per_image(kl[0])
+    for bad, what in ((kl - 0.5, 'negative'), (kl.masked_fill(kl > 0.9, float('nan')), 'NaN')):
+        for f in (information_per_image, information_per_patch, lambda k: kl_map(k, (2, 3), 1)):
+            with pytest.raises(ValueError, match=what):
+                f(bad)
+    near_prior = gaussian_kl(1e-4 * torch.randn(2, 3, 4, 7, 8), 1e-4 * torch.randn(2, 3, 4, 7, 8))
+    torch.testing.assert_close(information_per_image(near_prior), near_prior.sum((1, 2, 3)))  # rounding is not refused
 
 
 def all_kl(m, x):

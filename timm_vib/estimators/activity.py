@@ -47,10 +47,19 @@ def kl_map(kl: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int = 0, re
     return m.sum((1, 2)) if reduce else m
 
 
+KL_ROUNDING = 1e-6  # nats
+
+
 def _check_kl(kl: torch.Tensor) -> None:
     if not isinstance(kl, torch.Tensor) or kl.ndim != 4:
         shape = tuple(kl.shape) if isinstance(kl, torch.Tensor) else type(kl).__name__
         raise ValueError(f'kl must be [batch, depth, heads, tokens], got {shape}')
+    if kl.numel() and not torch.isfinite(kl).all():
+        raise ValueError('kl holds NaN or infinite values: a model that diverged, or not a KL tensor')
+    # a KL is >= 0; gaussian_kl's float32 rounding stays far above -1e-6 nats
+    if kl.numel() and kl.min() < -KL_ROUNDING:
+        raise ValueError(f'kl holds negative values (min {float(kl.min()):.3g} nats) but a KL is >= 0: '
+                         'pass the KL of model(x, return_kl=True), not log-probabilities or a difference')
 
 
 def information_per_image(kl: torch.Tensor) -> torch.Tensor:
