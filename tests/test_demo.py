@@ -93,6 +93,23 @@ def test_every_model_of_the_demo_starts_from_the_same_position_embedding(demo, t
     assert 'pos_embed_init=trunc_normal' in _train_argv(_settings(args), args, 'vit_tiny_noattn', tmp_path)
 
 
+def test_vib_hidden_reaches_the_bottlenecked_runs_only(tmp_path):
+    """--vib-hidden sets the width of every bottleneck's MLPs; without it the runs build the registered
+    models' default (the reference's 64), and the two ends, which have no bottleneck, are not given it."""
+    import argparse
+    from timm_vib import training
+    from timm_vib.demo import _settings, _train_argv, add_demo_args
+
+    def built(flags, model):
+        args = add_demo_args(argparse.ArgumentParser()).parse_args(['--smallest', *flags])
+        return training.build_model(training.parse_args(_train_argv(_settings(args), args, model, tmp_path)), 10)[0]
+
+    assert {b.vib_hidden for b in built(['--vib-hidden', '16'], 'vit_tiny_vib_b1').bottlenecks()} == {16}
+    assert {b.vib_hidden for b in built([], 'vit_tiny_vib_b1').bottlenecks()} == {64}
+    for end in ('vit_tiny_noattn', 'vit_tiny_gap'):
+        assert built(['--vib-hidden', '16'], end).vib_hidden is None
+
+
 def test_demo_reuses_finished_runs(demo, capsys):
     from timm_vib import training
     from timm_vib.demo import PRESETS, _reusable, _train_argv, add_demo_args
