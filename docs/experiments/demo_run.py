@@ -1,0 +1,61 @@
+"""One run of the demo's spectrum, for any seed, optionally with the heads' writes muted (docs/spectrum.md, 4f).
+
+    python docs/experiments/demo_run.py MODEL SEED OUTPUT [--mute writes|branch] [demo flags ...]
+
+Trains ``MODEL`` (e.g. ``vit_tiny_noattn``, ``vit_tiny_vib_b10``) with exactly the arguments ``timm-vib demo``
+gives it for ``SEED`` (the demo's flags after the options, e.g. ``--data fashion-mnist --img-size 28
+--patch-size 4 --epochs 10 --max-train-samples 5000 --max-val-samples 1000``), so more seeds than the demo's can
+be trained one by one, e.g. ``seq 6 23 | xargs -P 2 -I S python docs/experiments/demo_run.py vit_tiny_noattn S
+runs/many/noattn_sS``.
+
+``--mute writes`` multiplies every head's decoded write by 0 in training and validation: the parameters, the
+random draws and the KL stay those of the normal run, and the attention branch adds only its output
+projection's bias. ``--mute branch`` also freezes that bias at its init (0), so the network computes the
+attention-free model's function. Both run the unfused reference path (``fold_projections = False``; run
+``--mute none-unfused`` for the same path with the writes kept, the control).
+"""
+import argparse
+import sys
+
+import torch
+
+from timm_vib import vision_transformer_vib as vtv
+from timm_vib.cli import main as cli_main
+from timm_vib.demo import _settings, _train_argv, add_demo_args
+
+MUTES = ('none', 'none-unfused', 'writes', 'branch')
+
+
+def patch(mute: str) -> None:
+    """Change VIBAttention / HeadBottleneck for every model built after this call."""
+    if mute == 'none':
+        return
+    add_bottleneck = vtv.VIBAttention._add_bottleneck
+
+    def _add_bottleneck(self, *args, **kwargs):
+        add_bottleneck(self, *args, **kwargs)
+        self.fold_projections = False  # the unfused path calls vib.decode, which the mute replaces
+        if mute == 'branch' and self.proj.bias is not None:
+            self.proj.bias.requires_grad_(False)  # timm initialises it to 0; no gradient, so AdamW leaves it there
+
+    vtv.VIBAttention._add_bottleneck = _add_bottleneck
+    if mute in ('writes', 'branch'):
+        decode = vtv.HeadBottleneck.decode
+        vtv.HeadBottleneck.decode = lambda self, z: 0.0 * decode(self, z)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('model')
+    p.add_argument('seed', type=int)
+    p.add_argument('output')
+    p.add_argument('--mute', choices=MUTES, default='none')
+    args, demo_flags = p.parse_known_args()
+    patch(args.mute)
+    demo = add_demo_args(argparse.ArgumentParser()).parse_args(['--no-progress', *demo_flags])
+    torch.set_num_threads(1)
+    return cli_main(['train', *_train_argv(_settings(demo), demo, args.model, args.output, seed=args.seed)])
+
+
+if __name__ == '__main__':
+    sys.exit(main())
