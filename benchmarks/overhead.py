@@ -5,7 +5,12 @@ Median training-step (forward + backward + AdamW step, loss CE + beta * KL) and 
 (vib_hidden=0; target <= 1.05x) and the paper's MLPs of 64 (the registered default; target <= 1.10x
 for training). Runs on GPU too when one exists.
 
-    python benchmarks/overhead.py [--batch-size 32] [--repeats 10] [--device cpu|cuda]
+``--scale demo`` measures the demo's models instead (16 px digits in 2x2 patches, depth 4, width 48,
+heads of 16, vib_dim 8, MLPs of 64, batch 64): there the hidden layer is 4x a head, folding it into the
+projections would widen the attention, and the models run the explicit path by default; both paths are
+printed (``attn.fold_projections``).
+
+    python benchmarks/overhead.py [--scale tiny|demo] [--batch-size 32] [--repeats 10] [--device cpu|cuda]
 """
 import argparse
 import statistics
@@ -62,16 +67,28 @@ def main():
     p.add_argument('--repeats', type=int, default=10)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--scale', choices=('tiny', 'demo'), default='tiny')
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, 224, 224, device=device)
-    y = torch.randint(0, 100, (args.batch_size,), device=device)
-    models = {
-        'vib_hidden=0': timm.create_model('vit_tiny_vib_b4', vib_hidden=0).to(device),
-        'vib_hidden=64': timm.create_model('vit_tiny_vib_b4', vib_hidden=64).to(device),
-        'gap': timm.create_model('vit_tiny_gap').to(device),
-    }
+    if args.scale == 'tiny':
+        size, chans, kw = 224, 3, {}
+        variants = {'vib_hidden=0': dict(vib_hidden=0), 'vib_hidden=64': dict(vib_hidden=64)}
+    else:
+        size, chans = 16, 1
+        kw = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, depth=4, embed_dim=48, num_heads=3)
+        variants = {'explicit': dict(vib_dim=8, vib_hidden=64), 'folded': dict(vib_dim=8, vib_hidden=64, fold=True)}
+    x = torch.randn(args.batch_size, chans, size, size, device=device)
+    y = torch.randint(0, kw.get('num_classes', 100), (args.batch_size,), device=device)
+    models = {}
+    for name, v in variants.items():
+        v = dict(v)
+        fold = v.pop('fold', None)
+        models[name] = m = timm.create_model('vit_tiny_vib_b4', **kw, **v).to(device)
+        for blk in m.blocks:
+            blk.attn.fold_projections = blk.attn.fold_projections if fold is None else fold
+        print(f'{name}: folded projections {m.blocks[0].attn.can_fold}')
+    models['gap'] = timm.create_model('vit_tiny_gap', **kw).to(device)
     results = {}
     for kind, make in (('train step', lambda m: train_step_time(m, x, y, device)), ('inference', lambda m: infer_time(m, x))):
         fns = {n: make(m) for n, m in models.items()}
@@ -83,10 +100,10 @@ def main():
             for n, fn in fns.items():
                 times[n].append(timed(fn, device))
         results[kind] = {n: statistics.median(t) for n, t in times.items()}
-    print(f'device {device}, batch {args.batch_size}, 224 px, {torch.get_num_threads()} threads, median of {args.repeats}')
+    print(f'device {device}, batch {args.batch_size}, {size} px, {torch.get_num_threads()} threads, median of {args.repeats}')
     for kind, r in results.items():
         gap = r['gap']
-        for name in ('vib_hidden=0', 'vib_hidden=64'):
+        for name in variants:
             print(f'{kind:>10}: vit_tiny_vib_b4 {name:<13} {r[name] * 1e3:8.1f} ms   vit_tiny_gap {gap * 1e3:8.1f} ms   '
                   f'ratio {r[name] / gap:.3f}x')
 

@@ -196,6 +196,7 @@ def test_vib_attention_equals_naive_reference(options, vib_hidden):
 @pytest.mark.parametrize('vib_hidden', [0, 64])
 def test_folded_and_explicit_paths_agree_in_value_kl_and_gradient(vib_hidden):
     m = small(vib_hidden=vib_hidden).train()
+    assert all(blk.attn.can_fold for blk in m.blocks)  # heads of 64: neither width is wider, so it folds
     x = images()
     torch.manual_seed(3)
     logits_a, kl_a = m(x, return_kl=True)
@@ -211,6 +212,28 @@ def test_folded_and_explicit_paths_agree_in_value_kl_and_gradient(vib_hidden):
     torch.testing.assert_close(kl_a, kl_b, rtol=1e-4, atol=1e-4)
     for n, p in m.named_parameters():
         torch.testing.assert_close(grads_a[n], p.grad, rtol=1e-3, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize('vib_hidden, vib_dim, embed_dim, folds', [
+    (64, 32, 192, True),    # the registered ViT-Tiny: hidden 64 = head_dim 64
+    (64, 8, 48, False),     # the demo: hidden 64 on heads of 16 would widen the attention 4x
+    (16, 8, 48, True),      # hidden = head_dim
+    (0, 8, 48, True),       # linear: encoder width 2r = 16 = head_dim
+    (0, 12, 48, False),     # linear: 2r = 24 > 16
+])
+def test_projections_fold_only_where_no_width_grows(vib_hidden, vib_dim, embed_dim, folds):
+    m = small(vib_hidden=vib_hidden, vib_dim=vib_dim, embed_dim=embed_dim).train()
+    attn = m.blocks[0].attn
+    assert attn.can_fold == folds
+    # either way the layer computes the same function as the other path
+    x = images()
+    torch.manual_seed(3)
+    a = m(x)
+    for blk in m.blocks:
+        blk.attn.fold_projections = not folds
+    assert attn.can_fold != folds
+    torch.manual_seed(3)
+    torch.testing.assert_close(a, m(x), rtol=1e-4, atol=1e-5)
 
 
 def test_attention_mask_is_respected():

@@ -12,11 +12,13 @@ before pooling) so image logits are exactly the mean of per-patch logits:
 * ``vit_tiny_noattn``: the zero-communication end, MLP-only blocks (a DeepSets model);
 * ``vit_tiny_gap``: the unmodified ViT with the same pooling, the other end of the spectrum.
 
-Speed: the encoder and decoder are linear, so the encoder composes exactly with the value
-projection (attention rows sum to one, and the encoder bias is added after attention) and the
-decoder with the output projection. The fused path therefore runs timm's usual
-qkv -> scaled_dot_product_attention -> proj with slightly different widths, plus the sampling
-and the KL; the explicit encode/decode path is kept for scale_norm / gate and as a reference.
+Speed: the encoder's first layer is linear, so it composes exactly with the value projection
+(attention rows sum to one, and its bias is added after attention), and the decoder's last layer
+with the output projection. The folded path therefore runs timm's usual
+qkv -> scaled_dot_product_attention -> proj with slightly different widths, plus the rest of the
+bottleneck, the sampling and the KL. It is the default when those widths are not wider than a head
+(``VIBAttention.fold_projections``); the explicit encode/decode path runs otherwise, for scale_norm /
+gate, and as a reference.
 """
 import math
 import numbers
@@ -358,7 +360,12 @@ class VIBAttention(MapAttention):
         # the encoder composes with the value projection and the decoder with the output projection
         # unless a norm or gate sits between the head outputs and ``proj``
         self.foldable = isinstance(self.norm, nn.Identity) and self.gate is None
-        self.fold_projections = True  # set False to run the explicit encode / decode reference path
+        # Folded, attention runs over the encoder's first-layer width and the output projection reads the
+        # decoder's last-layer input: cheaper only when neither is wider than head_dim (ViT-Tiny's 64 hidden
+        # units on heads of 64). Wider (64 on the demo's heads of 16) the explicit path does fewer products:
+        # 1.6x instead of 2.2x the ViT's training step there, on one thread (benchmarks/overhead.py --scale demo).
+        # Set it True or False to force either path; both compute the same function.
+        self.fold_projections = max(self.vib.enc_weight.shape[-1], self.vib.dec_weight.shape[1]) <= self.head_dim
 
     @classmethod
     def from_attention(

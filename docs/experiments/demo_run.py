@@ -12,7 +12,9 @@ runs/many/noattn_sS``.
 random draws and the KL stay those of the normal run, and the attention branch adds only its output
 projection's bias. ``--mute branch`` also freezes that bias at its init (0), so the network computes the
 attention-free model's function. Both run the unfused reference path (``fold_projections = False``; run
-``--mute none-unfused`` for the same path with the writes kept, the control).
+``--mute none-unfused`` for the same path with the writes kept, the control). Since the demo's MLPs of 64 on
+heads of 16 run that path by default anyway, ``none`` and ``none-unfused`` are now the same run; the controls
+of docs/spectrum.md 4f were trained when the default still folded.
 """
 import argparse
 import sys
