@@ -57,8 +57,13 @@ def _as_pair(v: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
     return pair
 
 
-def check_images(shape, image_size: Tuple[int, int], in_chans: int, who: str) -> None:
-    """Raise a ValueError naming the problem unless ``shape`` is [batch, height, width, channels]."""
+def check_images(shape, image_size: Tuple[int, int], in_chans: int, who: str, dtype=None) -> None:
+    """Raise a ValueError naming the problem unless ``shape`` is [batch, height, width, channels] (and
+    ``dtype``, when given, a float type: integer pixels would reach the model unnormalised, and the backends
+    disagree on them, JAX casting silently, torch and TensorFlow failing inside Conv2D)."""
+    if dtype is not None and 'float' not in keras.backend.standardize_dtype(dtype):
+        raise ValueError(f'{who} expects floating-point images, got {keras.backend.standardize_dtype(dtype)}: '
+                         'scale them to [0, 1] and normalise them with the mean and std the model was trained with')
     shape = tuple(shape)
     expected = f'[batch, {image_size[0]}, {image_size[1]}, {in_chans}]'
     if len(shape) != 4:
@@ -124,13 +129,19 @@ class GaussianBottleneck(keras.layers.Layer):
         if isinstance(vib_hidden, bool) or not isinstance(vib_hidden, numbers.Integral) or vib_hidden < 0:
             raise ValueError(f'vib_hidden (hidden width of the encoder / decoder MLPs, 0 = linear) must be an '
                              f'integer >= 0, got {vib_hidden!r}')
+        clamp = tuple(float(v) for v in logvar_clamp)
+        # outside the clamp the log-variance is pinned at its bound with no gradient; NaN poisons every output
+        if isinstance(logvar_init, bool) or not isinstance(logvar_init, numbers.Real) or not (
+                clamp[0] <= logvar_init <= clamp[1]):
+            raise ValueError(f'logvar_init (the posterior log-variance bias at init) must be a number within the '
+                             f'clamp [{clamp[0]:g}, {clamp[1]:g}], got {logvar_init!r}')
         self.num_heads = int(num_heads)
         self.head_dim = int(head_dim)
         self.vib_dim = int(vib_dim)  # numpy integers too; get_config holds plain ints
         self.vib_hidden = int(vib_hidden)
         self.kl_weight = float(kl_weight)
         self.logvar_init = float(logvar_init)
-        self.logvar_clamp = tuple(float(v) for v in logvar_clamp)
+        self.logvar_clamp = clamp
         self.seed = seed
         self.small_init_dec = bool(small_init_dec)
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -517,7 +528,7 @@ class PatchEmbedding(keras.layers.Layer):
         self.pos_embed = self.add_weight(name='pos_embed', shape=(1, self.num_patches, self.embed_dim), initializer=init)
 
     def call(self, images):
-        check_images(images.shape, self.image_size, self.in_chans, self.name)
+        check_images(images.shape, self.image_size, self.in_chans, self.name, images.dtype)
         x = self.proj(images)  # [B, gh, gw, C]
         x = ops.reshape(x, (-1, self.num_patches, self.embed_dim))
         return x + self.pos_embed

@@ -164,7 +164,7 @@ class VisionTransformerVIB(keras.Model):
     def forward_features(self, images, training=None, return_latents: bool = False):
         """Images -> tokens [batch, tokens, embed_dim] before the final norm; with ``return_latents``
         also lists of per-layer mu, logvar [batch, tokens, heads, r] (None entries without bottleneck)."""
-        check_images(images.shape, self.image_size, self.in_chans, self._who())
+        check_images(images.shape, self.image_size, self.in_chans, self._who(), images.dtype)
         x = self.patch_embed(images)
         mus, logvars = [], []
         for blk in self.blocks:

@@ -161,6 +161,13 @@ def test_bad_input_errors():
         m(np.zeros((16, 16, 3), 'float32'))
     with pytest.raises(ValueError, match='channels last'):
         m(np.zeros((2, 16, 16, 1), 'float32'))
+    # integer pixels: JAX would cast them silently, torch and TensorFlow fail inside Conv2D
+    with pytest.raises(ValueError, match='floating-point images, got uint8'):
+        m(np.zeros((2, 16, 16, 3), 'uint8'))
+    with pytest.raises(ValueError, match=r'within the clamp \[-10, 10\]'):
+        VisionTransformerVIB(**{**SMALL, 'vib_logvar_init': 12.0})
+    with pytest.raises(ValueError, match=r'within the clamp'):
+        VisionTransformerVIB(**{**SMALL, 'vib_logvar_init': float('nan')})
     with pytest.raises(ValueError, match='attn_mode'):
         VisionTransformerVIB(attn_mode='sparse', **SMALL)
     with pytest.raises(ValueError, match='vib_dim'):

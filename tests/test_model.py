@@ -546,8 +546,26 @@ def test_bad_vib_hidden(vib_hidden):
         vibify(timm.create_model('vit_tiny_gap', depth=1), vib_hidden=vib_hidden)
 
 
+@pytest.mark.parametrize('logvar_init', [float('nan'), float('inf'), 20.0, -10.5, '0', True])
+def test_bad_logvar_init(logvar_init):
+    # outside the clamp [-10, 10] the log-variance would sit at its bound with no gradient, for good
+    with pytest.raises(ValueError, match=r'vib_logvar_init .* within the clamp \[-10, 10\]'):
+        timm.create_model('vit_tiny_vib', vib_logvar_init=logvar_init, depth=1)
+
+
+@pytest.mark.parametrize('logvar_init', [-10, 10.0])
+def test_logvar_init_at_the_clamps_bounds_is_accepted(logvar_init):
+    m = small(vib_logvar_init=logvar_init).train()
+    _, kl = m(images(), return_kl=True)
+    # at logvar = l (mu ~ 0) each latent dimension costs (e^l - 1 - l) / 2 nats
+    per_dim = (math.exp(logvar_init) - 1 - logvar_init) / 2
+    assert kl.mean().item() == pytest.approx(m.vib_dim * per_dim, rel=0.05)
+
+
 def test_bad_images():
     m = small()
+    with pytest.raises(ValueError, match='floating-point images, got torch.uint8'):
+        m(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r'32x32 images, got 48x48'):
         m(images(size=48))
     with pytest.raises(ValueError, match='3 input channels'):

@@ -83,6 +83,17 @@ def _check_vib_hidden(vib_hidden: int) -> int:
     return int(vib_hidden)
 
 
+def _check_logvar_init(logvar_init: float, clamp: Tuple[float, float]) -> float:
+    # outside the clamp the log-variance is pinned at its bound with no gradient: the head would stay at
+    # that noise for good; NaN would make every output NaN
+    if isinstance(logvar_init, bool) or not isinstance(logvar_init, numbers.Real) or not (
+            clamp[0] <= logvar_init <= clamp[1]):
+        raise ValueError(
+            f'vib_logvar_init (the posterior log-variance bias at init) must be a number within the clamp '
+            f'[{clamp[0]:g}, {clamp[1]:g}], got {logvar_init!r}')
+    return float(logvar_init)
+
+
 def check_patch_grid(kwargs: Dict[str, Any]) -> None:
     """The patches must tile the image: timm's patch embedding would silently drop the remainder
     (a 28 px image with 16 px patches is one patch of its top-left corner)."""
@@ -147,8 +158,8 @@ class HeadBottleneck(nn.Module):
         self.head_dim = head_dim
         self.vib_dim = _check_vib_dim(vib_dim)
         self.vib_hidden = _check_vib_hidden(vib_hidden)
-        self.logvar_init = logvar_init
         self.logvar_clamp = (float(logvar_clamp[0]), float(logvar_clamp[1]))
+        self.logvar_init = _check_logvar_init(logvar_init, self.logvar_clamp)
         self.small_init_dec = bool(small_init_dec)
         self.sample_in_eval = False
         self.is_mlp = self.vib_hidden > 0
@@ -605,6 +616,10 @@ def check_image_batch(
     if x.shape[1] != in_chans:
         raise ValueError(
             f'{name} expects {in_chans} input channels (NCHW), got {x.shape[1]} in an input of shape {list(x.shape)}')
+    if not x.is_floating_point():
+        raise ValueError(
+            f'{name} expects floating-point images, got {x.dtype}: convert them with the model\'s normalisation '
+            '(timm.data.resolve_model_data_config and create_transform)')
     if fixed_size and img_size is not None and (x.shape[-2] != img_size[0] or x.shape[-1] != img_size[1]):
         raise ValueError(
             f'{name} was built for {img_size[0]}x{img_size[1]} images, got {x.shape[-2]}x{x.shape[-1]}; resize the '
