@@ -1,6 +1,6 @@
 """One run of the demo's spectrum, for any seed, optionally with the heads' writes muted (docs/spectrum.md, 4f).
 
-    python docs/experiments/demo_run.py MODEL SEED OUTPUT [--mute writes|branch] [demo flags ...]
+    python docs/experiments/demo_run.py MODEL SEED OUTPUT [--mute writes|branch] [--mu-gain G] [demo flags ...]
 
 Trains ``MODEL`` (e.g. ``vit_tiny_noattn``, ``vit_tiny_vib_b10``) with exactly the arguments ``timm-vib demo``
 gives it for ``SEED`` (the demo's flags after the options, e.g. ``--data fashion-mnist --img-size 28
@@ -14,7 +14,8 @@ projection's bias. ``--mute branch`` also freezes that bias at its init (0), so 
 attention-free model's function. Both run the unfused reference path (``fold_projections = False``; run
 ``--mute none-unfused`` for the same path with the writes kept, the control). Since the demo's MLPs of 64 on
 heads of 16 run that path by default anyway, ``none`` and ``none-unfused`` are now the same run; the controls
-of docs/spectrum.md 4f were trained when the default still folded.
+of docs/spectrum.md 4f were trained when the default still folded. ``--mu-gain G`` starts every posterior mean G
+times larger (the log-variances unchanged): the channels open sooner (docs/spectrum.md 4g).
 """
 import argparse
 import sys
@@ -46,14 +47,32 @@ def patch(mute: str) -> None:
         vtv.HeadBottleneck.decode = lambda self, z: 0.0 * decode(self, z)
 
 
+def patch_mu_gain(gain: float) -> None:
+    """Scale every bottleneck's initial posterior means by ``gain`` (the mean columns of the layer that outputs
+    (mu, logvar)), leaving the log-variances and everything else at their init."""
+    if gain == 1.0:
+        return
+    init_weights = vtv.HeadBottleneck.init_weights
+
+    def _init_weights(self):
+        init_weights(self)
+        w = self.enc_out_weight if self.is_mlp else self.enc_weight
+        with torch.no_grad():
+            w[..., :self.vib_dim].mul_(gain)
+
+    vtv.HeadBottleneck.init_weights = _init_weights
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('model')
     p.add_argument('seed', type=int)
     p.add_argument('output')
     p.add_argument('--mute', choices=MUTES, default='none')
+    p.add_argument('--mu-gain', type=float, default=1.0, help='scale the initial posterior means (docs/spectrum.md 4g)')
     args, demo_flags = p.parse_known_args()
     patch(args.mute)
+    patch_mu_gain(args.mu_gain)
     demo = add_demo_args(argparse.ArgumentParser()).parse_args(['--no-progress', *demo_flags])
     torch.set_num_threads(1)
     return cli_main(['train', *_train_argv(_settings(demo), demo, args.model, args.output, seed=args.seed)])
