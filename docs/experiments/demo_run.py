@@ -63,6 +63,27 @@ def patch_mu_gain(gain: float) -> None:
     vtv.HeadBottleneck.init_weights = _init_weights
 
 
+def patch_identity_init() -> None:
+    """Start every bottleneck at :meth:`HeadBottleneck.init_identity` (as ``vibify`` does): without sampling, the
+    identity on each head's output where the bottleneck is wide enough, else a projection."""
+    init_weights = vtv.HeadBottleneck.init_weights
+
+    def _init_weights(self):
+        init_weights(self)
+        self.init_identity()
+
+    vtv.HeadBottleneck.init_weights = _init_weights
+
+
+def patch_no_sampling() -> None:
+    """z = mu in training and validation: the bottleneck's layers without their noise."""
+    def forward(self, stats):
+        mu, logvar = stats.chunk(2, dim=-1)
+        return mu, mu, logvar.clamp(self.logvar_clamp[0], self.logvar_clamp[1])
+
+    vtv.HeadBottleneck.forward = forward
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('model')
@@ -70,9 +91,15 @@ def main() -> int:
     p.add_argument('output')
     p.add_argument('--mute', choices=MUTES, default='none')
     p.add_argument('--mu-gain', type=float, default=1.0, help='scale the initial posterior means (docs/spectrum.md 4g)')
+    p.add_argument('--identity-init', action='store_true', help='bottlenecks start at init_identity (docs/spectrum.md 4g)')
+    p.add_argument('--no-sampling', action='store_true', help='z = mu: no noise (docs/spectrum.md 4g)')
     args, demo_flags = p.parse_known_args()
+    if args.no_sampling:
+        patch_no_sampling()
     patch(args.mute)
     patch_mu_gain(args.mu_gain)
+    if args.identity_init:
+        patch_identity_init()
     demo = add_demo_args(argparse.ArgumentParser()).parse_args(['--no-progress', *demo_flags])
     torch.set_num_threads(1)
     return cli_main(['train', *_train_argv(_settings(demo), demo, args.model, args.output, seed=args.seed)])
