@@ -1,6 +1,7 @@
 """One run of the demo's spectrum, for any seed, optionally with the heads' writes muted (docs/spectrum.md, 4f).
 
-    python docs/experiments/demo_run.py MODEL SEED OUTPUT [--mute writes|branch] [--mu-gain G] [demo flags ...]
+    python docs/experiments/demo_run.py MODEL SEED OUTPUT [--mute writes|branch] [--mu-gain G] [--identity-init]
+        [--no-sampling] [demo flags ...]
 
 Trains ``MODEL`` (e.g. ``vit_tiny_noattn``, ``vit_tiny_vib_b10``) with exactly the arguments ``timm-vib demo``
 gives it for ``SEED`` (the demo's flags after the options, e.g. ``--data fashion-mnist --img-size 28
@@ -15,7 +16,9 @@ attention-free model's function. Both run the unfused reference path (``fold_pro
 ``--mute none-unfused`` for the same path with the writes kept, the control). Since the demo's MLPs of 64 on
 heads of 16 run that path by default anyway, ``none`` and ``none-unfused`` are now the same run; the controls
 of docs/spectrum.md 4f were trained when the default still folded. ``--mu-gain G`` starts every posterior mean G
-times larger (the log-variances unchanged): the channels open sooner (docs/spectrum.md 4g).
+times larger (the log-variances unchanged): the channels open sooner (docs/spectrum.md 4g). ``--identity-init``
+starts every bottleneck at ``HeadBottleneck.init_identity`` and ``--no-sampling`` sets z = mu in training and
+validation: with both, a linear bottleneck with r = head_dim computes the ViT's function at init (4g).
 """
 import argparse
 import sys
