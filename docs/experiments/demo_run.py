@@ -1,7 +1,7 @@
 """One run of the demo's spectrum, for any seed, optionally with the heads' writes muted (docs/spectrum.md, 4f).
 
     python docs/experiments/demo_run.py MODEL SEED OUTPUT [--mute writes|branch] [--mu-gain G] [--identity-init]
-        [--no-sampling] [demo flags ...]
+        [--no-sampling] [--freeze-bottleneck] [--vib-lr-scale S] [--keep-rng] [demo flags ...]
 
 Trains ``MODEL`` (e.g. ``vit_tiny_noattn``, ``vit_tiny_vib_b10``) with exactly the arguments ``timm-vib demo``
 gives it for ``SEED`` (the demo's flags after the options, e.g. ``--data fashion-mnist --img-size 28
@@ -18,7 +18,11 @@ heads of 16 run that path by default anyway, ``none`` and ``none-unfused`` are n
 of docs/spectrum.md 4f were trained when the default still folded. ``--mu-gain G`` starts every posterior mean G
 times larger (the log-variances unchanged): the channels open sooner (docs/spectrum.md 4g). ``--identity-init``
 starts every bottleneck at ``HeadBottleneck.init_identity`` and ``--no-sampling`` sets z = mu in training and
-validation: with both, a linear bottleneck with r = head_dim computes the ViT's function at init (4g).
+validation: with both, a linear bottleneck with r = head_dim computes the ViT's function at init (4g);
+``--freeze-bottleneck`` keeps it there (no gradient), ``--vib-lr-scale S`` trains the bottlenecks at S x the
+learning rate, and ``--keep-rng`` gives the bottlenecks' init a saved and restored RNG state, so that every other
+weight and the data order are those of the bottleneck-free runs of the same seed (4g: with the three, seed 2
+reproduces the ViT's run to the last digit).
 """
 import argparse
 import sys
@@ -87,6 +91,50 @@ def patch_no_sampling() -> None:
     vtv.HeadBottleneck.forward = forward
 
 
+def patch_vib_lr_scale(scale: float) -> None:
+    """Train every bottleneck parameter at ``scale`` x the learning rate (a param group of their own: timm's
+    schedulers keep each group's base rate); everything else as the demo does."""
+    import timm.optim
+    create = timm.optim.create_optimizer_v2
+
+    def create_optimizer_v2(model, *args, **kwargs):
+        opt = create(model, *args, **kwargs)
+        vib = {id(p) for n, p in model.named_parameters() if '.vib.' in n}
+        for group in list(opt.param_groups):
+            mine = [p for p in group['params'] if id(p) in vib]
+            if mine:
+                group['params'] = [p for p in group['params'] if id(p) not in vib]
+                opt.add_param_group({**{k: v for k, v in group.items() if k != 'params'}, 'params': mine,
+                                     'lr': group['lr'] * scale})
+        return opt
+
+    timm.optim.create_optimizer_v2 = create_optimizer_v2
+
+
+def patch_freeze_bottleneck() -> None:
+    """Bottleneck parameters keep their init (no gradient, so no optimizer step)."""
+    init_weights = vtv.HeadBottleneck.init_weights
+
+    def _init_weights(self):
+        init_weights(self)
+        self.requires_grad_(False)
+
+    vtv.HeadBottleneck.init_weights = _init_weights
+
+
+def patch_keep_rng() -> None:
+    """The bottlenecks' init draws from a saved and restored RNG state, so every other parameter, and the data
+    order, get the draws they get in the bottleneck-free models of the same seed."""
+    init_weights = vtv.HeadBottleneck.init_weights
+
+    def _init_weights(self):
+        state = torch.get_rng_state()
+        init_weights(self)
+        torch.set_rng_state(state)
+
+    vtv.HeadBottleneck.init_weights = _init_weights
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('model')
@@ -96,13 +144,23 @@ def main() -> int:
     p.add_argument('--mu-gain', type=float, default=1.0, help='scale the initial posterior means (docs/spectrum.md 4g)')
     p.add_argument('--identity-init', action='store_true', help='bottlenecks start at init_identity (docs/spectrum.md 4g)')
     p.add_argument('--no-sampling', action='store_true', help='z = mu: no noise (docs/spectrum.md 4g)')
+    p.add_argument('--vib-lr-scale', type=float, default=1.0,
+                   help="the bottleneck parameters' learning rate, relative to the rest (docs/spectrum.md 4g)")
+    p.add_argument('--freeze-bottleneck', action='store_true', help='bottleneck parameters stay at their init (4g)')
+    p.add_argument('--keep-rng', action='store_true', help="the bottlenecks' init leaves the RNG as it found it (4g)")
     args, demo_flags = p.parse_known_args()
+    if args.vib_lr_scale != 1.0:
+        patch_vib_lr_scale(args.vib_lr_scale)
     if args.no_sampling:
         patch_no_sampling()
     patch(args.mute)
     patch_mu_gain(args.mu_gain)
     if args.identity_init:
         patch_identity_init()
+    if args.freeze_bottleneck:  # after the other init patches, so it freezes what they set
+        patch_freeze_bottleneck()
+    if args.keep_rng:  # outermost: restores the RNG after every init patch has drawn
+        patch_keep_rng()
     demo = add_demo_args(argparse.ArgumentParser()).parse_args(['--no-progress', *demo_flags])
     torch.set_num_threads(1)
     return cli_main(['train', *_train_argv(_settings(demo), demo, args.model, args.output, seed=args.seed)])
