@@ -22,7 +22,9 @@ validation: with both, a linear bottleneck with r = head_dim computes the ViT's 
 ``--freeze-bottleneck`` keeps it there (no gradient), ``--vib-lr-scale S`` trains the bottlenecks at S x the
 learning rate, and ``--keep-rng`` gives the bottlenecks' init a saved and restored RNG state, so that every other
 weight and the data order are those of the bottleneck-free runs of the same seed (4g: with the three, seed 2
-reproduces the ViT's run to the last digit).
+reproduces the ViT's run to the last digit; but timm's init pass re-initialises the bottlenecks, which then draw
+the same numbers as the next MLP layer: use it only where the bottleneck's draws do not matter, as for a frozen
+identity).
 """
 import argparse
 import sys
