@@ -91,8 +91,9 @@ def main():
         v = dict(v)
         fold = v.pop('fold', None)
         models[name] = m = timm.create_model('vit_tiny_vib_b4', **kw, **v).to(device)
-        for blk in m.blocks:
-            blk.attn.fold_projections = blk.attn.fold_projections if fold is None else fold
+        if fold is not None:  # else the layers' own choice
+            for blk in m.blocks:
+                blk.attn.fold_projections = fold
         print(f'{name}: folded projections {m.blocks[0].attn.can_fold}')
     models['gap'] = timm.create_model('vit_tiny_gap', **kw).to(device)
     results = {}

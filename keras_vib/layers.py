@@ -61,8 +61,9 @@ def check_images(shape, image_size: Tuple[int, int], in_chans: int, who: str, dt
     """Raise a ValueError naming the problem unless ``shape`` is [batch, height, width, channels] (and
     ``dtype``, when given, a float type: integer pixels would reach the model unnormalised, and the backends
     disagree on them, JAX casting silently, torch and TensorFlow failing inside Conv2D)."""
-    if dtype is not None and 'float' not in keras.backend.standardize_dtype(dtype):
-        raise ValueError(f'{who} expects floating-point images, got {keras.backend.standardize_dtype(dtype)}: '
+    dtype = None if dtype is None else keras.backend.standardize_dtype(dtype)
+    if dtype is not None and 'float' not in dtype:
+        raise ValueError(f'{who} expects floating-point images, got {dtype}: '
                          'scale them to [0, 1] and normalise them with the mean and std the model was trained with')
     shape = tuple(shape)
     expected = f'[batch, {image_size[0]}, {image_size[1]}, {in_chans}]'

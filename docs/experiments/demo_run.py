@@ -56,32 +56,34 @@ def patch(mute: str) -> None:
         vtv.HeadBottleneck.decode = lambda self, z: 0.0 * decode(self, z)
 
 
+def _wrap_init(step) -> None:
+    """Every ``HeadBottleneck.init_weights`` (also re-run by timm's init pass) becomes ``step(self, init)``, where
+    ``init`` is the one in force before this call, so patches compose in the order they are applied."""
+    init = vtv.HeadBottleneck.init_weights
+    vtv.HeadBottleneck.init_weights = lambda self: step(self, lambda: init(self))
+
+
 def patch_mu_gain(gain: float) -> None:
     """Scale every bottleneck's initial posterior means by ``gain`` (the mean columns of the layer that outputs
     (mu, logvar)), leaving the log-variances and everything else at their init."""
-    if gain == 1.0:
-        return
-    init_weights = vtv.HeadBottleneck.init_weights
-
-    def _init_weights(self):
-        init_weights(self)
+    def step(self, init):
+        init()
         w = self.enc_out_weight if self.is_mlp else self.enc_weight
         with torch.no_grad():
             w[..., :self.vib_dim].mul_(gain)
 
-    vtv.HeadBottleneck.init_weights = _init_weights
+    if gain != 1.0:
+        _wrap_init(step)
 
 
 def patch_identity_init() -> None:
     """Start every bottleneck at :meth:`HeadBottleneck.init_identity` (as ``vibify`` does): without sampling, the
     identity on each head's output where the bottleneck is wide enough, else a projection."""
-    init_weights = vtv.HeadBottleneck.init_weights
-
-    def _init_weights(self):
-        init_weights(self)
+    def step(self, init):
+        init()
         self.init_identity()
 
-    vtv.HeadBottleneck.init_weights = _init_weights
+    _wrap_init(step)
 
 
 def patch_no_sampling() -> None:
@@ -115,26 +117,22 @@ def patch_vib_lr_scale(scale: float) -> None:
 
 def patch_freeze_bottleneck() -> None:
     """Bottleneck parameters keep their init (no gradient, so no optimizer step)."""
-    init_weights = vtv.HeadBottleneck.init_weights
-
-    def _init_weights(self):
-        init_weights(self)
+    def step(self, init):
+        init()
         self.requires_grad_(False)
 
-    vtv.HeadBottleneck.init_weights = _init_weights
+    _wrap_init(step)
 
 
 def patch_keep_rng() -> None:
     """The bottlenecks' init draws from a saved and restored RNG state, so every other parameter, and the data
     order, get the draws they get in the bottleneck-free models of the same seed."""
-    init_weights = vtv.HeadBottleneck.init_weights
-
-    def _init_weights(self):
+    def step(self, init):
         state = torch.get_rng_state()
-        init_weights(self)
+        init()
         torch.set_rng_state(state)
 
-    vtv.HeadBottleneck.init_weights = _init_weights
+    _wrap_init(step)
 
 
 def main() -> int:
