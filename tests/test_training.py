@@ -214,6 +214,29 @@ def test_idx_reader_and_fashion_mnist_from_a_folder(tmp_path):
         build_datasets(f'fashion-mnist:{tmp_path / "nowhere"}', 16)
 
 
+def test_write_idx_refuses_values_uint8_cannot_hold_and_never_leaves_half_a_file(tmp_path, monkeypatch):
+    path = tmp_path / 'labels-idx1-ubyte'
+    write_idx(path, np.arange(5))
+    before = path.read_bytes()
+    for bad in (np.array([0, 256]), np.array([-1, 3]), np.array([1.5, 2.0]), np.array([np.nan, 1.0])):
+        with pytest.raises(ValueError, match='integers 0-255'):
+            write_idx(path, bad)
+    assert path.read_bytes() == before
+    write_idx(path, np.array([0.0, 255.0]))  # integer-valued floats are exact in uint8
+    assert read_idx(path).tolist() == [0, 255]
+    # a write that fails part-way leaves the old file and no temporary beside it
+    before = path.read_bytes()
+    import timm_vib.data as data
+
+    def fail(*a):
+        raise OSError('disk full')
+
+    monkeypatch.setattr(data.struct, 'pack', fail)
+    with pytest.raises(OSError, match='disk full'):
+        write_idx(path, np.arange(7))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_fashion_mnist_from_debian_package_when_installed():
     from timm_vib.data import find_fashion_mnist
     try:

@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_dataset, create_transform
 
+from .files import atomic_write
+
 __all__ = [
     'DataSpec', 'build_datasets', 'create_loaders', 'load_run_dataset', 'read_idx', 'write_idx',
     'read_class_list', 'find_fashion_mnist', 'check_data', 'denormalize', 'IMAGENET100_URL',
@@ -110,10 +112,18 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
 
 
 def write_idx(path: Union[str, os.PathLike], array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX file (for tests and small custom sets)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    with open(path, 'wb') as f:
-        f.write(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape) + array.tobytes())
+    """Write an array of integers 0-255 as a uint8 IDX file (for tests and small custom sets), atomically.
+
+    Raises ValueError for any other value (it would wrap or truncate silently in uint8)."""
+    array = np.asarray(array)
+    with np.errstate(invalid='ignore'):
+        as_uint8 = np.ascontiguousarray(array, dtype=np.uint8)
+    if not np.array_equal(array, as_uint8):
+        raise ValueError(f'{path}: an IDX file of uint8 holds integers 0-255, got values in '
+                         f'[{np.nanmin(array)}, {np.nanmax(array)}] of dtype {array.dtype}')
+    with atomic_write(path, 'wb') as f:
+        f.write(bytes([0, 0, 0x08, as_uint8.ndim]) + struct.pack(f'>{as_uint8.ndim}I', *as_uint8.shape)
+                + as_uint8.tobytes())
 
 
 def find_fashion_mnist(folder: Optional[Union[str, os.PathLike]] = None) -> Path:

@@ -12,8 +12,6 @@ train as ``train-*``, 360 val as ``t10k-*``) into such a folder: read through ``
 the demo's images with Fashion-MNIST's augmentation, which adds horizontal flips.
 """
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,36 +26,24 @@ def as_digits(images: np.ndarray) -> np.ndarray:
     return np.round(np.round(small / 255.0 * 16.0) * (255.0 / 16.0)).astype(np.uint8)
 
 
-def _write_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write_idx(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('out', type=Path)
     p.add_argument('--source', default=None, help="Fashion-MNIST folder (default: Debian's install location)")
     p.add_argument('--digits', action='store_true', help="write sklearn's digits (the demo's split) instead")
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.digits:
         for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
             d = _digits(split)
-            _write_atomic(args.out / img_name, d.images)
-            _write_atomic(args.out / lbl_name, d.labels)
+            write_idx(args.out / img_name, d.images)
+            write_idx(args.out / lbl_name, d.labels)
             print(f'digits {split}: {d.images.shape} -> {args.out / img_name}')
         return
     src = find_fashion_mnist(args.source)
     for img_name, lbl_name in FASHION_MNIST_FILES.values():
         images = read_idx(_idx_file(src, img_name))
-        _write_atomic(args.out / img_name, as_digits(images))
-        _write_atomic(args.out / lbl_name, read_idx(_idx_file(src, lbl_name)))
+        write_idx(args.out / img_name, as_digits(images))
+        write_idx(args.out / lbl_name, read_idx(_idx_file(src, lbl_name)))
         print(f'{img_name}: {images.shape} -> {args.out / img_name} (8x8, 17 grey levels)')
 
 
