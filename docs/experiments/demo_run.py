@@ -184,9 +184,11 @@ def main() -> int:
                    help="the bottleneck parameters' learning rate, relative to the rest (docs/spectrum.md 4g)")
     p.add_argument('--freeze-bottleneck', action='store_true', help='bottleneck parameters stay at their init (4g)')
     p.add_argument('--he-init', action='store_true', help='scale-preserving bottleneck layers at init (4h)')
-    p.add_argument('--keep-rng', action='store_true', help="the bottlenecks' init leaves the RNG as it found it (4g)")
-    p.add_argument('--own-rng', action='store_true',
-                   help="the bottlenecks' init draws from a stream of its own: seeds pair with the ViT's (4h)")
+    pairing = p.add_mutually_exclusive_group()  # two ways of pairing seeds with the bottleneck-free runs
+    pairing.add_argument('--keep-rng', action='store_true',
+                         help="the bottlenecks' init leaves the RNG as it found it (4g)")
+    pairing.add_argument('--own-rng', action='store_true',
+                         help="the bottlenecks' init draws from a stream of its own: seeds pair with the ViT's (4h)")
     args, demo_flags = p.parse_known_args()
     if args.vib_lr_scale != 1.0:
         patch_vib_lr_scale(args.vib_lr_scale)
@@ -200,8 +202,6 @@ def main() -> int:
         patch_he_init()
     if args.freeze_bottleneck:  # after the other init patches, so it freezes what they set
         patch_freeze_bottleneck()
-    if args.keep_rng and args.own_rng:
-        p.error('--keep-rng and --own-rng are two ways of pairing seeds: choose one')
     if args.keep_rng:  # outermost: restores the RNG after every init patch has drawn
         patch_keep_rng()
     if args.own_rng:
