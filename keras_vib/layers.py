@@ -158,7 +158,7 @@ class GaussianBottleneck(keras.layers.Layer):
             return ops.concatenate([ops.zeros((H, r), dtype=dtype), ops.full((H, r), lv, dtype=dtype)], axis=-1)
 
         def weight(name, fan_in, fan_out):
-            # nn.Linear's scale-preserving uniform init, per head (as timm_vib.HeadBottleneck)
+            # nn.Linear's uniform init U(+-1/sqrt(fan_in)), per head (as timm_vib.HeadBottleneck)
             init = keras.initializers.RandomUniform(-fan_in ** -0.5, fan_in ** -0.5)
             if name == 'dec_weight' and self.small_init_dec:
                 init = keras.initializers.RandomNormal(stddev=1e-4)

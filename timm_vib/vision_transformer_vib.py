@@ -188,7 +188,8 @@ class HeadBottleneck(nn.Module):
         return self.enc_out_bias if self.is_mlp else self.enc_bias
 
     def init_weights(self) -> None:
-        """nn.Linear's scale-preserving uniform init per head (zero biases); log-variance bias at
+        """nn.Linear's uniform init per head, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), zero biases (the reference's: it
+        shrinks a signal's rms by sqrt(3) per layer, docs/spectrum.md 4h); log-variance bias at
         ``logvar_init`` (-6 in the reference code: the posterior starts nearly deterministic). With
         ``small_init_dec`` the decoder's last layer starts at N(0, 1e-4^2) (the reference's option):
         the model then starts as independent patches and has to learn to communicate."""
