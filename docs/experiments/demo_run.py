@@ -2,7 +2,7 @@
 
     python docs/experiments/demo_run.py MODEL SEED OUTPUT [--mute writes|branch] [--mu-gain G] [--identity-init]
         [--no-sampling] [--freeze-bottleneck] [--vib-lr-scale S] [--keep-rng | --own-rng] [--he-init]
-        [demo flags ...]
+        [--mute-layers L,L...] [demo flags ...]
 
 Trains ``MODEL`` (e.g. ``vit_tiny_noattn``, ``vit_tiny_vib_b10``) with exactly the arguments ``timm-vib demo``
 gives it for ``SEED`` (the demo's flags after the options, e.g. ``--data fashion-mnist --img-size 28
@@ -28,7 +28,9 @@ the same numbers as the next MLP layer: use it only where the bottleneck's draws
 identity). ``--own-rng`` pairs seeds properly: the bottlenecks' init draws from a stream of its own, so every other
 weight and the data order are the ViT's of the same seed, and the bottlenecks' draws are uncorrelated with the rest
 (4h: the frozen control then lands 0.1 ± 0.5 points from the ViT over six seeds). ``--he-init`` starts every
-bottleneck layer scale-preserving (4h).
+bottleneck layer scale-preserving (4h). ``--mute-layers 0`` mutes the writes (as ``--mute writes``) of the
+listed blocks only (0 = the first), so that only the other blocks' heads can talk; in the ViT those blocks'
+attention outputs only its projection's bias (4k).
 """
 import argparse
 import sys
@@ -58,6 +60,42 @@ def patch(mute: str) -> None:
     if mute in ('writes', 'branch'):
         decode = vtv.HeadBottleneck.decode
         vtv.HeadBottleneck.decode = lambda self, z: 0.0 * decode(self, z)
+
+
+def patch_mute_layers(layers: set) -> None:
+    """Every head's decoded write in the blocks numbered ``layers`` (0 = the first) multiplied by 0 in training
+    and validation, as ``--mute writes`` does for all of them; the other blocks unchanged. In a model without
+    bottlenecks (the ViT) those blocks' attention outputs only their output projection's bias."""
+    init = vtv.VisionTransformerVIB.__init__
+
+    def mute(attn, args, out):
+        return 0.0 * out + (attn.proj.bias if attn.proj.bias is not None else 0.0)
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if max(layers) >= len(self.blocks):
+            raise ValueError(f'--mute-layers {sorted(layers)}: the model has {len(self.blocks)} blocks')
+        for i, block in enumerate(self.blocks):
+            if hasattr(block.attn, 'vib'):
+                block.attn.fold_projections = False  # the unfused path calls vib.decode
+                block.attn.vib.muted = i in layers
+            elif i in layers and hasattr(block.attn, 'proj'):  # the ViT: the attention's output, bias kept
+                block.attn.register_forward_hook(mute)
+
+    vtv.VisionTransformerVIB.__init__ = __init__
+    decode = vtv.HeadBottleneck.decode
+    vtv.HeadBottleneck.decode = lambda self, z: (0.0 if getattr(self, 'muted', False) else 1.0) * decode(self, z)
+
+
+def _blocks(value: str) -> set:
+    """'0' or '1,2,3' -> {block numbers}."""
+    try:
+        blocks = {int(i) for i in value.split(',')}
+    except ValueError:
+        blocks = {-1}
+    if min(blocks) < 0:
+        raise argparse.ArgumentTypeError(f'expected block numbers >= 0 separated by commas, e.g. 0 or 1,2,3, got {value!r}')
+    return blocks
 
 
 def _wrap_init(step) -> None:
@@ -184,6 +222,8 @@ def main() -> int:
                    help="the bottleneck parameters' learning rate, relative to the rest (docs/spectrum.md 4g)")
     p.add_argument('--freeze-bottleneck', action='store_true', help='bottleneck parameters stay at their init (4g)')
     p.add_argument('--he-init', action='store_true', help='scale-preserving bottleneck layers at init (4h)')
+    p.add_argument('--mute-layers', type=_blocks, default=set(),
+                   help="mute the heads' writes of these blocks only, e.g. 0 or 1,2,3 (4k)")
     pairing = p.add_mutually_exclusive_group()  # two ways of pairing seeds with the bottleneck-free runs
     pairing.add_argument('--keep-rng', action='store_true',
                          help="the bottlenecks' init leaves the RNG as it found it (4g)")
@@ -195,6 +235,8 @@ def main() -> int:
     if args.no_sampling:
         patch_no_sampling()
     patch(args.mute)
+    if args.mute_layers:
+        patch_mute_layers(args.mute_layers)
     patch_mu_gain(args.mu_gain)
     if args.identity_init:
         patch_identity_init()
