@@ -76,11 +76,14 @@ def patch_mute_layers(layers: set) -> None:
         if max(layers) >= len(self.blocks):
             raise ValueError(f'--mute-layers {sorted(layers)}: the model has {len(self.blocks)} blocks')
         for i, block in enumerate(self.blocks):
-            if hasattr(block.attn, 'vib'):
-                block.attn.fold_projections = False  # the unfused path calls vib.decode
-                block.attn.vib.muted = i in layers
-            elif i in layers and hasattr(block.attn, 'proj'):  # the ViT: the attention's output, bias kept
-                block.attn.register_forward_hook(mute)
+            attn = getattr(block, 'attn', None)
+            if attn is None:
+                raise ValueError(f'--mute-layers: block {i} of {type(self).__name__} has no attention to mute')
+            if hasattr(attn, 'vib'):
+                attn.fold_projections = False  # the unfused path calls vib.decode
+                attn.vib.muted = i in layers
+            elif i in layers:  # the ViT: the attention's output, bias kept
+                attn.register_forward_hook(mute)
 
     vtv.VisionTransformerVIB.__init__ = __init__
     decode = vtv.HeadBottleneck.decode
@@ -89,13 +92,10 @@ def patch_mute_layers(layers: set) -> None:
 
 def _blocks(value: str) -> set:
     """'0' or '1,2,3' -> {block numbers}."""
-    try:
-        blocks = {int(i) for i in value.split(',')}
-    except ValueError:
-        blocks = {-1}
-    if min(blocks) < 0:
+    parts = value.split(',')
+    if not all(p.isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f'expected block numbers >= 0 separated by commas, e.g. 0 or 1,2,3, got {value!r}')
-    return blocks
+    return {int(p) for p in parts}
 
 
 def _wrap_init(step) -> None:
