@@ -1,0 +1,71 @@
+"""Two digits and a marker: a task that needs communication between patches (docs/spectrum.md, 4l).
+
+    python docs/experiments/gated_pairs.py OUT [--source FOLDER] [--seed S]
+
+Writes the four IDX files of a Fashion-MNIST folder (read with ``--data fashion-mnist:OUT``) whose images are
+16x16: two 8x8 images of a source set, one above the other (columns 4-11), and a marker, two 2x2 white squares
+at the left and right edges of one half (rows 3-4 or 11-12, columns 0-1 and 14-15). The label is the class of
+the image in the marked half. Every image of the source split is the labelled one exactly once, with a random
+partner of the same split in the other half and a random side, so the labels are the source's.
+
+A patch sees at most one half: which digit is the answer is known only to the marker's patches. Without
+attention each patch votes alone, so the two digits' votes are summed and the model can do no better than
+guess between them (about 50 % plus what a marker-blind vote can learn). The layout is symmetric under the
+horizontal flips of Fashion-MNIST's augmentation, and a crop of (0.7, 1) cannot remove both marker squares.
+
+``--source`` is a Fashion-MNIST folder of 8x8 images (``fashion_mnist_as_digits.py OUT``); by default the
+source is scikit-learn's digits in the demo's split (1,437 train, 360 val).
+"""
+import argparse
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+
+from timm_vib.data import FASHION_MNIST_FILES, _digits, _idx_file, read_idx, write_idx
+
+
+def gated_pairs(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """uint8 [N, 8, 8], labels [N] -> uint8 [N, 16, 16] composites, labels [N] (image i is the marked one)."""
+    n = len(images)
+    partner = (np.arange(n) + rng.integers(1, n, size=n)) % n  # never itself
+    top_marked = rng.integers(0, 2, size=n).astype(bool)
+    out = np.zeros((n, 16, 16), dtype=np.uint8)
+    top = np.where(top_marked[:, None, None], images, images[partner])
+    bottom = np.where(top_marked[:, None, None], images[partner], images)
+    out[:, 0:8, 4:12], out[:, 8:16, 4:12] = top, bottom
+    rows = np.where(top_marked, 3, 11)
+    for dr in (0, 1):
+        for c in (0, 1, 14, 15):
+            out[np.arange(n), rows + dr, c] = 255
+    return out, labels.copy()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('out', type=Path)
+    p.add_argument('--source', default=None, help='folder of 8x8 IDX images (default: the demo digits)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--max-train', type=int, default=None, help='keep the first N training images of the source')
+    args = p.parse_args()
+    rng = np.random.default_rng(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
+        if args.source is None:
+            d = _digits(split)
+            images, labels = d.images, d.labels
+        else:
+            images = read_idx(_idx_file(Path(args.source), img_name))
+            labels = read_idx(_idx_file(Path(args.source), lbl_name))
+        if split == 'train' and args.max_train:
+            images, labels = images[:args.max_train], labels[:args.max_train]
+        if images.shape[1:] != (8, 8):
+            raise ValueError(f'{img_name}: expected 8x8 images, got {images.shape[1:]}')
+        pairs, labels = gated_pairs(images, labels, rng)
+        write_idx(args.out / img_name, pairs)
+        write_idx(args.out / lbl_name, labels.astype(np.uint8))
+        print(f'{split}: {pairs.shape} -> {args.out / img_name}')
+
+
+if __name__ == '__main__':
+    main()
