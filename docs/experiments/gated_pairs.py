@@ -1,6 +1,6 @@
 """Two digits and a marker: a task that needs communication between patches (docs/spectrum.md, 4l).
 
-    python docs/experiments/gated_pairs.py OUT [--source FOLDER] [--seed S]
+    python docs/experiments/gated_pairs.py OUT [--source FOLDER] [--seed S] [--max-train N]
 
 Writes the four IDX files of a Fashion-MNIST folder (read with ``--data fashion-mnist:OUT``) whose images are
 16x16: two 8x8 images of a source set, one above the other (columns 4-11), and a marker, two 2x2 white squares
@@ -8,9 +8,9 @@ at the left and right edges of one half (rows 3-4 or 11-12, columns 0-1 and 14-1
 the image in the marked half. Every image of the source split is the labelled one exactly once, with a random
 partner of the same split in the other half and a random side, so the labels are the source's.
 
-A patch sees at most one half: which digit is the answer is known only to the marker's patches. Without
+A 2x2 patch sees at most one half (before the crops' resampling): which digit is the answer is known only to the marker's patches. Without
 attention each patch votes alone, so the two digits' votes are summed and the model can do no better than
-guess between them (about 50 % plus what a marker-blind vote can learn). The layout is symmetric under the
+guess between them (about half of its accuracy on single images). The layout is symmetric under the
 horizontal flips of Fashion-MNIST's augmentation. The training crops (scale 0.7-1) cut off both marker squares in
 about 1.4 % of draws (torchvision's ``RandomResizedCrop.get_params``, 20,000 draws on 16x16), which leaves those
 images without their answer.
