@@ -8,27 +8,26 @@ at the left and right edges of one half (rows 3-4 or 11-12, columns 0-1 and 14-1
 the image in the marked half. Every image of the source split is the labelled one exactly once, with a random
 partner of the same split in the other half and a random side, so the labels are the source's.
 
-A 2x2 patch sees at most one half (before the crops' resampling): which digit is the answer is known only to the marker's patches. Without
-attention each patch votes alone, so the two digits' votes are summed and the model can do no better than
-guess between them (about half of its accuracy on single images). The layout is symmetric under the
-horizontal flips of Fashion-MNIST's augmentation. The training crops (scale 0.7-1) cut off both marker squares in
-about 1.4 % of draws (torchvision's ``RandomResizedCrop.get_params``, 20,000 draws on 16x16), which leaves those
-images without their answer.
+A 2x2 patch sees at most one half (before the crops' resampling): which digit is the answer is known only to
+the marker's patches. Without attention each patch votes alone, so the two digits' votes are summed and the model
+can do no better than guess between them (about half of its accuracy on single images). The layout is symmetric
+under the horizontal flips of Fashion-MNIST's augmentation. The training crops (scale 0.7-1) cut off both marker
+squares in about 1.4 % of draws (torchvision's ``RandomResizedCrop.get_params``, 20,000 draws on 16x16), which
+leaves those images without their answer.
 
 ``--source`` is a Fashion-MNIST folder of 8x8 images (``fashion_mnist_as_digits.py OUT``); by default the
 source is scikit-learn's digits in the demo's split (1,437 train, 360 val).
 """
 import argparse
 from pathlib import Path
-from typing import Tuple
 
 import numpy as np
 
 from timm_vib.data import FASHION_MNIST_FILES, _digits, _idx_file, read_idx, write_idx
 
 
-def gated_pairs(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, 8, 8], labels [N] -> uint8 [N, 16, 16] composites, labels [N] (image i is the marked one)."""
+def gated_pairs(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [N, 8, 8] -> uint8 [N, 16, 16]: composite i has image i in its marked half, so keeps its label."""
     n = len(images)
     partner = (np.arange(n) + rng.integers(1, n, size=n)) % n  # never itself
     top_marked = rng.integers(0, 2, size=n).astype(bool)
@@ -40,7 +39,7 @@ def gated_pairs(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     for dr in (0, 1):
         for c in (0, 1, 14, 15):
             out[np.arange(n), rows + dr, c] = 255
-    return out, labels.copy()
+    return out
 
 
 def main() -> None:
@@ -63,9 +62,9 @@ def main() -> None:
             images, labels = images[:args.max_train], labels[:args.max_train]
         if images.shape[1:] != (8, 8):
             raise ValueError(f'{img_name}: expected 8x8 images, got {images.shape[1:]}')
-        pairs, labels = gated_pairs(images, labels, rng)
+        pairs = gated_pairs(images, rng)
         write_idx(args.out / img_name, pairs)
-        write_idx(args.out / lbl_name, labels.astype(np.uint8))
+        write_idx(args.out / lbl_name, labels)
         print(f'{split}: {pairs.shape} -> {args.out / img_name}')
 
 
