@@ -26,12 +26,20 @@ def as_digits(images: np.ndarray) -> np.ndarray:
     return np.round(np.round(small / 255.0 * 16.0) * (255.0 / 16.0)).astype(np.uint8)
 
 
+def refuse_existing(out: Path) -> None:
+    """Stop before writing if ``out`` already holds any of the four IDX files (a Fashion-MNIST set, say)."""
+    found = [str(f) for pair in FASHION_MNIST_FILES.values() for n in pair if (f := _idx_file(out, n))]
+    if found:
+        raise SystemExit(f'{out} already holds {", ".join(found)}: not overwriting; give an empty or new folder')
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('out', type=Path)
     p.add_argument('--source', default=None, help="Fashion-MNIST folder (default: Debian's install location)")
     p.add_argument('--digits', action='store_true', help="write sklearn's digits (the demo's split) instead")
     args = p.parse_args()
+    refuse_existing(args.out)
     if args.digits:
         for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
             d = _digits(split)

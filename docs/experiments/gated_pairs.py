@@ -13,7 +13,7 @@ the marker's patches. Without attention each patch votes alone, so the two digit
 can do no better than guess between them (about half of its accuracy on single images). The layout is symmetric
 under the horizontal flips of Fashion-MNIST's augmentation. The training crops (scale 0.7-1) cut off both marker
 squares in about 1.4 % of draws (torchvision's ``RandomResizedCrop.get_params``, 20,000 draws on 16x16), which
-leaves those images without their answer.
+leaves those images without their answer. ``OUT`` must not hold IDX files already: nothing is overwritten.
 
 ``--source`` is a Fashion-MNIST folder of 8x8 images (``fashion_mnist_as_digits.py OUT``); by default the
 source is scikit-learn's digits in the demo's split (1,437 train, 360 val).
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashion_mnist_as_digits import refuse_existing
 from timm_vib.data import FASHION_MNIST_FILES, _digits, _idx_file, read_idx, write_idx
 
 
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--max-train', type=int, default=None, help='keep the first N training images of the source')
     args = p.parse_args()
+    refuse_existing(args.out)
     rng = np.random.default_rng(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
