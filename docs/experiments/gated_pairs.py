@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fashion_mnist_as_digits import refuse_existing
-from timm_vib.data import FASHION_MNIST_FILES, _digits, _idx_file, read_idx, write_idx
+from timm_vib.data import FASHION_MNIST_FILES, _digits, _fashion_mnist, write_idx
 
 
 def gated_pairs(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -54,12 +54,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
-        if args.source is None:
-            d = _digits(split)
-            images, labels = d.images, d.labels
-        else:
-            images = read_idx(_idx_file(Path(args.source), img_name))
-            labels = read_idx(_idx_file(Path(args.source), lbl_name))
+        d = _digits(split) if args.source is None else _fashion_mnist(split, args.source)
+        images, labels = d.images, d.labels
         if split == 'train' and args.max_train:
             images, labels = images[:args.max_train], labels[:args.max_train]
         if images.shape[1:] != (8, 8):
