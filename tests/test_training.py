@@ -78,7 +78,13 @@ def test_tiny_model_learns_digits_and_writes_every_file(digits_run):
     assert cfg['beta_schedule'] == 'linear' and [r['beta'] for r in rows] == [0.01] * 5
     # the sampled validation passes run after the last epoch only
     assert 'stochastic_top1_mean' in rows[-1] and not any('stochastic_top1_mean' in r for r in rows[:-1])
-    assert cfg['mixed_precision'] == 'no' and cfg['world_size'] == 1
+    # --mixed-precision auto, as documented: off on the CPU, bf16 on a GPU that has it, else fp16
+    if cfg['device'] == 'cpu':
+        assert cfg['mixed_precision'] == 'no'
+    else:
+        assert cfg['device'].startswith('cuda')
+        assert cfg['mixed_precision'] == ('bf16' if torch.cuda.is_bf16_supported() else 'fp16')
+    assert cfg['world_size'] == 1
     # the final weights reload, with the data config of digits
     m = load_model(out).eval()
     assert m.beta == 0.01 and tuple(m.pretrained_cfg['mean']) == (0.5, 0.5, 0.5)
@@ -155,12 +161,88 @@ def test_the_loop_reads_the_device_per_epoch_not_per_step(tmp_path, monkeypatch)
     assert few == many, (few, many)
 
 
+def test_on_a_gpu_machine_auto_precision_follows_the_device_and_too_many_processes_are_refused(tmp_path, monkeypatch):
+    """As on a machine with one GPU (torch.cuda answers so; nothing reaches a device): --mixed-precision
+    auto is bf16 on a GPU that has it, fp16 on one that does not, off with --cpu; and more processes on
+    the node than GPUs stop with a message naming both counts, before NCCL would."""
+    from timm_vib import training
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    for bf16, expected in ((True, 'bf16'), (False, 'fp16')):
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: bf16)
+        assert training._mixed_precision('auto', cpu=False) == expected
+        assert training._mixed_precision('auto', cpu=True) == 'no'
+        assert training._mixed_precision('fp16', cpu=False) == 'fp16'  # an explicit choice stays
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')  # torchrun --nproc_per_node 2
+    with pytest.raises(ValueError, match=r'2 processes on this node but 1 GPU\(s\).*--cpu'):
+        train(parse_args(['--model', 'vit_tiny_vib_b1', *TINY, '--max-train-samples', '64', '--epochs', '1',
+                          '--output', str(tmp_path / 'gpu')]))
+    training._check_processes_per_gpu(cpu=True)  # CPU processes (gloo) need no GPU
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    training._check_processes_per_gpu(cpu=False)
+
+
+def test_cpu_processes_meet_at_a_barrier_that_names_no_gpu(monkeypatch):
+    """Between CPU processes (gloo) the trainer's barrier passes no GPU index: Accelerate's own passes the
+    process's, and where CUDA is present (an H100 machine, torch 2.11) torch ran it on that GPU, which
+    failed for process 1 of 2 on a one-GPU machine. Other set-ups keep Accelerate's barrier."""
+    from accelerate.utils import DistributedType
+    from timm_vib import training
+    calls = []
+    monkeypatch.setattr(torch.distributed, 'barrier', lambda *a, **k: calls.append(('torch', a, k)))
+
+    class Acc:
+        def wait_for_everyone(self):
+            calls.append(('accelerate',))
+    acc = Acc()
+    acc.distributed_type = DistributedType.MULTI_CPU
+    training._wait_for_everyone(acc)
+    acc.distributed_type = DistributedType.MULTI_GPU
+    training._wait_for_everyone(acc)
+    assert calls == [('torch', (), {}), ('accelerate',)]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one device and precision per process: these tests change them, so each starts
+    and leaves a clean state, passing or failing (Accelerate's own tests reset it the same way)."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    yield AcceleratorState._reset_state
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_on_a_gpu_every_precision_trains_and_cpu_stays_on_the_cpu(tmp_path, fresh_accelerate_state):
+    """On a real GPU: auto (bf16 where supported), fp16 with Accelerate's gradient scaling and float32 all
+    learn digits with finite losses and KL, at the settings with which the CPU run of digits_run passes 30%;
+    --cpu on the same machine trains on the CPU without autocast."""
+    tops = {}
+    for mp in ('auto', 'fp16', 'no'):
+        fresh_accelerate_state(True)
+        out = train(parse_args(['--model', 'vit_tiny_vib_b0p01', *TINY, '--batch-size', '16', '--lr', '2e-3',
+                                '--epochs', '5', '--mixed-precision', mp, '--output', str(tmp_path / mp)]))
+        cfg = json.loads((out / 'run_config.json').read_text())
+        assert cfg['device'].startswith('cuda')
+        assert cfg['mixed_precision'] == {'auto': 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'}.get(mp, mp)
+        rows = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+        assert all(math.isfinite(r[k]) for r in rows for k in ('train_loss', 'val_loss', 'nats_per_image'))
+        tops[mp] = json.loads((out / 'summary.json').read_text())['val_top1']
+        assert all(v.dtype == torch.float32 for v in load_file(out / 'model.safetensors').values())
+    assert min(tops.values()) > 30, tops  # chance is 10%
+    fresh_accelerate_state(True)
+    out = train(parse_args(['--model', 'vit_tiny_vib_b1', *TINY, *SMALL_DATA, '--epochs', '1', '--cpu',
+                            '--output', str(tmp_path / 'cpu')]))
+    cfg = json.loads((out / 'run_config.json').read_text())
+    assert (cfg['device'], cfg['mixed_precision']) == ('cpu', 'no')
+
+
 def test_two_gloo_processes_with_torchrun(tmp_path):
     out = tmp_path / 'ddp'
     p = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29613',
          'examples/train.py', '--model', 'vit_tiny_vib_b1', *TINY, *SMALL_DATA, '--epochs', '2',
-         '--checkpoint-every', '3', '--output', str(out)],
+         '--checkpoint-every', '3', '--cpu', '--output', str(out)],  # --cpu: gloo also where a GPU is
         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.loads((out / 'summary.json').read_text())
@@ -231,7 +313,8 @@ def test_write_idx_refuses_values_uint8_cannot_hold_and_never_leaves_half_a_file
     def fail(*a):
         raise OSError('disk full')
 
-    monkeypatch.setattr(data.struct, 'pack', fail)
+    # data's own name for the module: patching struct.pack itself would also cut pytest-xdist's channel
+    monkeypatch.setattr(data, 'struct', type('FailingStruct', (), {'pack': staticmethod(fail)}))
     with pytest.raises(OSError, match='disk full'):
         write_idx(path, np.arange(7))
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
@@ -352,13 +435,13 @@ def test_log_beta_schedule_and_sqrt_reduction_are_recorded(tmp_path):
     assert math.isfinite(rows[-1]['val_loss'])
 
 
-def test_evaluate_restores_the_callers_stochastic_eval():
+def test_evaluate_restores_the_callers_stochastic_eval(fresh_accelerate_state):
     from accelerate import Accelerator
     import timm
     from timm_vib.training import evaluate
     m = timm.create_model('vit_tiny_vib', img_size=16, patch_size=8, depth=1, num_classes=3)
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=True)  # on a GPU machine too: the fixture cleared the state an earlier GPU run left
     for callers in (True, False):
         for stochastic in (True, False):
             m.stochastic_eval = callers

@@ -249,12 +249,38 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
-def _mixed_precision(choice: str) -> str:
+def _mixed_precision(choice: str, cpu: bool) -> str:
+    """``auto``: bf16 on a GPU that has it, else fp16 on a GPU, off on the CPU (``--cpu`` included)."""
     if choice != 'auto':
         return choice
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cpu:
         return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
     return 'no'
+
+
+def _wait_for_everyone(accelerator) -> None:
+    """``accelerator.wait_for_everyone()``, except between CPU processes (gloo): Accelerate hands the barrier
+    the process's GPU index there too, and where CUDA is present torch then runs the barrier on that GPU, so
+    ``torchrun --nproc_per_node 2 ... --cpu`` on a one-GPU machine stopped with 'invalid device ordinal'
+    (seen on an H100 machine with torch 2.11)."""
+    from accelerate.utils import DistributedType
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        torch.distributed.barrier()
+    else:
+        accelerator.wait_for_everyone()
+
+
+def _check_processes_per_gpu(cpu: bool) -> None:
+    """torchrun and ``accelerate launch`` start LOCAL_WORLD_SIZE processes on this node, and NCCL needs a GPU for
+    each: more processes than GPUs would stop inside NCCL with 'Duplicate GPU detected'."""
+    procs = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    if cpu or procs <= 1 or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if procs > gpus:
+        raise ValueError(
+            f'{procs} processes on this node but {gpus} GPU(s): each process needs a GPU of its own; start at most '
+            f'{gpus} (torchrun --nproc_per_node {gpus}), or pass --cpu to train {procs} CPU processes (gloo)')
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -372,9 +398,9 @@ class Checkpoints:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
+        _wait_for_everyone(acc)
         acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+        _wait_for_everyone(acc)
         if acc.is_main_process:
             atomic_write_json(tmp / TRAIN_STATE_NAME, state)
             apply_umask(tmp)  # Accelerate writes the weights 0600
@@ -388,7 +414,7 @@ class Checkpoints:
                 shutil.rmtree(p, ignore_errors=True)
             for p in self.folder.glob('.old-*'):
                 shutil.rmtree(p, ignore_errors=True)
-        acc.wait_for_everyone()
+        _wait_for_everyone(acc)
         return final
 
     def load(self, path: Path) -> Dict[str, Any]:
@@ -570,9 +596,10 @@ def _accelerator(args: argparse.Namespace, out: Path):
     of (seed, epoch), which exact resumption relies on."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
+    _check_processes_per_gpu(args.cpu)
     return Accelerator(
         gradient_accumulation_steps=args.grad_accum,
-        mixed_precision=_mixed_precision(args.mixed_precision),
+        mixed_precision=_mixed_precision(args.mixed_precision, args.cpu or not _has_accelerator()),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         log_with=args.log_with or None,
         project_dir=str(out),
@@ -788,14 +815,14 @@ def train(args: argparse.Namespace) -> Path:
             ckpts.save(state)
 
     # 9. Final weights (timm's Hub format) and the summary, written last
-    accelerator.wait_for_everyone()
+    _wait_for_everyone(accelerator)
     net = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         save_model(net, out, model_args=model_args, data_config=spec.data_config(), architecture=arch)
         last = read_metrics(out / METRICS)[-1]
         atomic_write_json(out / SUMMARY, _summary(args, net, accelerator, spec, arch, beta, attn_mode, img_size, state, last))
         remove_temporaries(out)
-    accelerator.wait_for_everyone()
+    _wait_for_everyone(accelerator)
     if args.log_with:
         accelerator.end_training()
     return out
