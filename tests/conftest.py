@@ -10,3 +10,16 @@ try:
     import torchvision  # noqa: F401
 except ImportError:
     pass
+
+# The tests compare float32 results with float32 references (timm against the Keras port on each
+# backend, one backend against another). On a GPU both frameworks would otherwise round some float32
+# products to TF32's 10-bit mantissa (torch's convolutions, JAX's matrix products), about 1e-3 relative:
+# set before JAX is imported, and inherited by the backends the tests start in subprocesses.
+import os
+
+os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
+try:
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+except NameError:  # no torch here
+    pass
