@@ -9,7 +9,13 @@ Measured on a 2-core CPU (2026-11-23, median of 5): training 1.13x (linear) and 
 1.03x and 1.16x; one thread, 1.23x for the MLPs. The training targets are not met there. The matrix products are
 the ViT's plus 3 % (folded); the rest is the bottleneck's elementwise passes over [batch, heads, tokens, 64]
 (GELU forward and backward about a third of it, then the biases, sampling, KL and their gradients), which cost
-on a CPU what they do not cost in FLOPs. A GPU has not been available to measure.
+on a CPU what they do not cost in FLOPs.
+
+Measured on an H100 (2026-11-24, torch 2.11, median of 20; docs/gpu.md): the targets are not met there either.
+bf16 autocast (``--amp bf16``), batch 256: training 1.96x (linear) and 2.29x (MLPs), inference 1.20x and 1.44x.
+float32, batch 256: training 1.10x and 1.70x. The eager step is bound by kernel launches at this size (batch 32
+costs what 256 does), and the bottleneck doubles the kernels (932 for the ViT, 1,881 linear, 2,270 MLPs);
+under torch.compile the MLPs still cost 1.93x.
 
 ``--scale demo`` measures the demo's models instead (16 px digits in 2x2 patches, depth 4, width 48,
 heads of 16, vib_dim 8, MLPs of 64, batch 64): there the hidden layer is 4x a head, folding it into the
@@ -17,6 +23,7 @@ projections would widen the attention, and the models run the explicit path by d
 printed (``attn.fold_projections``).
 
     python benchmarks/overhead.py [--scale tiny|demo] [--batch-size 32] [--repeats 10] [--device cpu|cuda]
+                                  [--amp no|bf16|fp16]
 """
 import argparse
 import statistics
@@ -34,28 +41,40 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_step_time(model, x, y, device):
+AMP = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def autocast(device, amp):
+    return torch.autocast(device.type, dtype=AMP[amp], enabled=AMP[amp] is not None)
+
+
+def train_step_time(model, x, y, device, amp='no'):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fp16 needs loss scaling to train; its cost belongs in the step, as in Accelerate's fp16 path
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
     model.train()
 
     def step():
-        if model.has_bottleneck:
-            logits, kl = model(x, return_kl=True)
-            loss = F.cross_entropy(logits, y) + model.beta * timm_vib.information_loss(kl)
-        else:
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        with autocast(device, amp):
+            if model.has_bottleneck:
+                logits, kl = model(x, return_kl=True)
+                loss = F.cross_entropy(logits.float(), y) + model.beta * timm_vib.information_loss(kl)
+            else:
+                loss = F.cross_entropy(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def infer_time(model, x):
+def infer_time(model, x, device, amp='no'):
     model.eval()
 
     @torch.no_grad()
     def step():
-        model(x)
+        with autocast(device, amp):
+            model(x)
     return step
 
 
@@ -74,6 +93,7 @@ def main():
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--scale', choices=('tiny', 'demo'), default='tiny')
+    p.add_argument('--amp', choices=tuple(AMP), default='no', help='autocast dtype (fp16 with a GradScaler)')
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -97,7 +117,8 @@ def main():
         print(f'{name}: folded projections {m.blocks[0].attn.can_fold}')
     models['gap'] = timm.create_model('vit_tiny_gap', **kw).to(device)
     results = {}
-    for kind, make in (('train step', lambda m: train_step_time(m, x, y, device)), ('inference', lambda m: infer_time(m, x))):
+    for kind, make in (('train step', lambda m: train_step_time(m, x, y, device, args.amp)),
+                       ('inference', lambda m: infer_time(m, x, device, args.amp))):
         fns = {n: make(m) for n, m in models.items()}
         for fn in fns.values():
             for _ in range(args.warmup):
@@ -107,7 +128,8 @@ def main():
             for n, fn in fns.items():
                 times[n].append(timed(fn, device))
         results[kind] = {n: statistics.median(t) for n, t in times.items()}
-    print(f'device {device}, batch {args.batch_size}, {size} px, {torch.get_num_threads()} threads, median of {args.repeats}')
+    print(f'device {device}, batch {args.batch_size}, {size} px, amp {args.amp}, {torch.get_num_threads()} threads, '
+          f'median of {args.repeats}')
     for kind, r in results.items():
         gap = r['gap']
         for name in variants:
