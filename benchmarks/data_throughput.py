@@ -8,7 +8,7 @@ autocast on a GPU) at ``--model-batch-size``. Printed: images/s per worker count
 and the workers needed to keep the model fed (model rate / per-worker rate).
 
 On an H100 machine with 16 cores (2026-11-24, docs/gpu.md): vit_tiny_vib_b1 trains at 2,735 images/s
-(batch 256, eager bf16), a worker delivers 140-250 images/s, so 11-20 workers keep it fed.
+(batch 256, eager bf16), a worker delivers 140-180 images/s in steady state, so 15-20 workers keep it fed.
 
     python benchmarks/data_throughput.py [--images 768] [--workers 0,1,2] [--device cpu|cuda] [--model-rate N]
                                          [--model-batch-size N]
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import timm
-import timm_vib
+import timm_vib  # noqa: F401  (registers the models)
 from timm_vib.data import create_loaders
+from train_step import make_train_step
 
 
 def write_folder(root: Path, images: int, classes: int = 8, seed: int = 0) -> None:
@@ -66,24 +66,15 @@ def loader_rate(folder: Path, workers: int, batch_size: int, batches: int) -> fl
 
 def model_rate(name: str, batch_size: int, device: torch.device, steps: int = 5) -> float:
     model = timm.create_model(name, num_classes=100).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, 3, 224, 224, device=device)
     y = torch.randint(0, 100, (batch_size,), device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
-
-    def step():
-        with amp:
-            logits, kl = model(x, return_kl=True)
-            loss = F.cross_entropy(logits.float(), y) + model.beta * timm_vib.information_loss(kl)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    step()
+    step = make_train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), 'bf16' if device.type == 'cuda' else 'no')
+    step(x, y)
     if device.type == 'cuda':
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(x, y)
     if device.type == 'cuda':
         torch.cuda.synchronize()
     return steps * batch_size / (time.perf_counter() - t0)

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import timm
-import timm_vib
 from timm.optim import create_optimizer_v2
 from timm_vib.data import create_loaders
 from timm_vib.training import parse_args, train
+from train_step import make_train_step
 
 KWARGS = dict(depth=2, img_size=16, patch_size=4, embed_dim=48, num_heads=3)
 
@@ -46,9 +45,7 @@ def bare_rate(a: argparse.Namespace, device: torch.device) -> float:
     torch.manual_seed(0)
     model = timm.create_model(a.model, num_classes=spec.num_classes, **KWARGS).to(device)
     opt = create_optimizer_v2(model, 'adamw', lr=6e-4, weight_decay=0.05)
-    has_kl = getattr(model, 'attn_mode', 'plain') != 'plain'
-    dtype = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[a.mixed_precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=a.mixed_precision == 'fp16')  # as Accelerate's fp16
+    step = make_train_step(model, opt, a.mixed_precision)
     model.train()
     n, t = 0, 0.0
     for epoch in range(a.epochs):
@@ -56,16 +53,7 @@ def bare_rate(a: argparse.Namespace, device: torch.device) -> float:
         t0 = time.perf_counter()
         for x, y in train_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                if has_kl:
-                    logits, kl = model(x, return_kl=True)
-                    loss = F.cross_entropy(logits.float(), y) + model.beta * timm_vib.information_loss(kl)
-                else:
-                    loss = F.cross_entropy(model(x).float(), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            step(x, y)
             n += x.shape[0]
         if device.type == 'cuda':
             torch.cuda.synchronize()

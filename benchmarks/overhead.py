@@ -31,9 +31,9 @@ import time
 
 import timm
 import torch
-import torch.nn.functional as F
 
-import timm_vib
+import timm_vib  # noqa: F401  (registers the models)
+from train_step import AMP, autocast, make_train_step
 
 
 def sync(device):
@@ -41,31 +41,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-AMP = {'no': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-def autocast(device, amp):
-    return torch.autocast(device.type, dtype=AMP[amp], enabled=AMP[amp] is not None)
-
-
 def train_step_time(model, x, y, device, amp='no'):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    # fp16 needs loss scaling to train; its cost belongs in the step, as in Accelerate's fp16 path
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
-    model.train()
-
-    def step():
-        with autocast(device, amp):
-            if model.has_bottleneck:
-                logits, kl = model(x, return_kl=True)
-                loss = F.cross_entropy(logits.float(), y) + model.beta * timm_vib.information_loss(kl)
-            else:
-                loss = F.cross_entropy(model(x).float(), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    return step
+    step = make_train_step(model.train(), torch.optim.AdamW(model.parameters(), lr=1e-4), amp)
+    return lambda: step(x, y)
 
 
 def infer_time(model, x, device, amp='no'):
