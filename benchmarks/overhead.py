@@ -41,7 +41,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_step_time(model, x, y, device, amp='no'):
+def train_step_time(model, x, y, amp='no'):
     step = make_train_step(model.train(), torch.optim.AdamW(model.parameters(), lr=1e-4), amp)
     return lambda: step(x, y)
 
@@ -95,7 +95,7 @@ def main():
         print(f'{name}: folded projections {m.blocks[0].attn.can_fold}')
     models['gap'] = timm.create_model('vit_tiny_gap', **kw).to(device)
     results = {}
-    for kind, make in (('train step', lambda m: train_step_time(m, x, y, device, args.amp)),
+    for kind, make in (('train step', lambda m: train_step_time(m, x, y, args.amp)),
                        ('inference', lambda m: infer_time(m, x, device, args.amp))):
         fns = {n: make(m) for n, m in models.items()}
         for fn in fns.values():

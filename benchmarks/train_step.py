@@ -18,7 +18,7 @@ def make_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, amp: str
     """step(x [B, C, H, W], y [B]) on the model's device; ``amp`` is one of :data:`AMP`."""
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
-    has_kl = getattr(model, 'has_bottleneck', False)
+    has_kl = getattr(model, 'attn_mode', 'plain') != 'plain'  # the trainer's rule: every model of ours but gap
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast(device, amp):

@@ -596,16 +596,17 @@ def _accelerator(args: argparse.Namespace, out: Path):
     of (seed, epoch), which exact resumption relies on."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
-    _check_processes_per_gpu(args.cpu)
+    # without a GPU, say so: only then does Accelerate take torchrun's WORLD_SIZE > 1 as multi-CPU (gloo)
+    cpu = args.cpu or not _has_accelerator()
+    _check_processes_per_gpu(cpu)
     return Accelerator(
         gradient_accumulation_steps=args.grad_accum,
-        mixed_precision=_mixed_precision(args.mixed_precision, args.cpu or not _has_accelerator()),
+        mixed_precision=_mixed_precision(args.mixed_precision, cpu),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         log_with=args.log_with or None,
         project_dir=str(out),
         dynamo_backend='inductor' if args.compile else 'no',
-        # without a GPU, say so: only then does Accelerate take torchrun's WORLD_SIZE > 1 as multi-CPU (gloo)
-        cpu=args.cpu or not _has_accelerator(),
+        cpu=cpu,
     )
 
 
