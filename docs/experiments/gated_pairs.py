@@ -52,19 +52,22 @@ def main() -> None:
     args = p.parse_args()
     refuse_existing(args.out)
     rng = np.random.default_rng(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
+    splits = {}
+    for split in FASHION_MNIST_FILES:  # read every split first: a bad --source leaves no empty OUT behind
         d = _digits(split) if args.source is None else _fashion_mnist(split, args.source)
         images, labels = d.images, d.labels
         if split == 'train' and args.max_train:
             images, labels = images[:args.max_train], labels[:args.max_train]
         if images.shape[1:] != (8, 8):
-            raise ValueError(f'{img_name}: expected 8x8 images, got {images.shape[1:]}')
+            raise ValueError(f'{split} images of {args.source}: expected 8x8, got {images.shape[1:]}')
+        splits[split] = images, labels
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
+        images, labels = splits[split]
         pairs = gated_pairs(images, rng)
         write_idx(args.out / img_name, pairs)
         write_idx(args.out / lbl_name, labels)
         print(f'{split}: {pairs.shape} -> {args.out / img_name}')
-
 
 if __name__ == '__main__':
     main()
