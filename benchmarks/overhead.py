@@ -7,9 +7,14 @@ for training). Runs on GPU too when one exists.
 
 Measured on a 2-core CPU (2026-11-23, median of 5): training 1.13x (linear) and 1.30x (MLPs of 64), inference
 1.03x and 1.16x; one thread, 1.23x for the MLPs. The training targets are not met there. The matrix products are
-the ViT's plus 3 % (folded); the rest is the bottleneck's elementwise passes over [batch, heads, tokens, 64]
-(GELU forward and backward about a third of it, then the biases, sampling, KL and their gradients), which cost
-on a CPU what they do not cost in FLOPs.
+the ViT's plus 3 % (folded) plus the MLPs' inner per-head products (hidden -> 2r, r -> hidden), which cannot
+fold. The benchmark times the MLPs' unfoldable work alone on the model's shapes (those inner products, their
+GELUs and the noise draw; 2026-11-24, median of 7, in a run where the MLPs took 1.28x): 1.09x, a lower bound
+for any implementation. The other 0.19x are elementwise passes over [batch, heads, tokens, 64] (the biases, the sampling's arithmetic, the
+clamp, the KL, their gradients, and the copies around the per-head products), which cost on a CPU what they
+do not cost in FLOPs. One batched product with the bias in it (``torch.baddbmm`` over image x head pairs
+instead of the einsum) saves 0.04x here and nothing at the demo's scale (``--scale demo``, where the step is
+dispatch-bound); not adopted, as it would change the rounding the demo's tables were measured with.
 
 Measured on an H100 (2026-11-24, torch 2.11, median of 20; docs/gpu.md): the targets are not met there either.
 bf16 autocast (``--amp bf16``), batch 256: training 1.96x (linear) and 2.29x (MLPs), inference 1.20x and 1.44x.
@@ -31,6 +36,7 @@ import time
 
 import timm
 import torch
+import torch.nn.functional as F
 
 import timm_vib  # noqa: F401  (registers the models)
 from train_step import AMP, autocast, make_train_step
@@ -53,6 +59,29 @@ def infer_time(model, x, device, amp='no'):
     def step():
         with autocast(device, amp):
             model(x)
+    return step
+
+
+def mlp_floor(model, x, amp='no'):
+    """The work the MLP bottlenecks cannot fold away, timed alone on the model's shapes: for each layer the
+    two inner per-head products (hidden -> 2r and r -> hidden, forward and backward, weight gradients
+    included), their two GELUs, and the noise draw. A lower bound on what the bottlenecks add to a
+    training step, whatever else (biases, sampling, KL, copies) an implementation does."""
+    vib = model.blocks[0].attn.vib
+    B, N, depth = x.shape[0], model.patch_embed.num_patches, len(model.blocks)
+    H, r, h = vib.num_heads, vib.vib_dim, vib.vib_hidden
+    kw = dict(device=x.device, requires_grad=True)
+    a, w1 = torch.randn(B, H, N, h, **kw), torch.randn(H, h, 2 * r, **kw)
+    zz, w2 = torch.randn(B, H, N, r, **kw), torch.randn(H, r, h, **kw)
+    g1, g2 = torch.randn(B, H, N, 2 * r, device=x.device), torch.randn(B, H, N, h, device=x.device)
+
+    def step():
+        for _ in range(depth):
+            with autocast(x.device, amp):
+                stats = torch.matmul(F.gelu(a), w1)  # the fastest of einsum, matmul and baddbmm here
+                hidden = F.gelu(torch.matmul(zz, w2))
+                torch.randn(B, H, N, r, device=x.device)
+            torch.autograd.backward([stats, hidden], [g1.to(stats.dtype), g2.to(hidden.dtype)])
     return step
 
 
@@ -98,6 +127,9 @@ def main():
     for kind, make in (('train step', lambda m: train_step_time(m, x, y, args.amp)),
                        ('inference', lambda m: infer_time(m, x, device, args.amp))):
         fns = {n: make(m) for n, m in models.items()}
+        if kind == 'train step':
+            mlp = next(n for n, m in models.items() if m.vib_hidden)  # the variants share one MLP shape
+            fns[f'{mlp} floor'] = mlp_floor(models[mlp], x, args.amp)
         for fn in fns.values():
             for _ in range(args.warmup):
                 fn()
@@ -113,6 +145,10 @@ def main():
         for name in variants:
             print(f'{kind:>10}: vit_tiny_vib_b4 {name:<13} {r[name] * 1e3:8.1f} ms   vit_tiny_gap {gap * 1e3:8.1f} ms   '
                   f'ratio {r[name] / gap:.3f}x')
+            if f'{name} floor' in r:
+                floor = r[f'{name} floor']
+                print(f'{"":>10}  the MLPs\' unfoldable work alone {floor * 1e3:8.1f} ms: no implementation of '
+                      f'them goes below {1 + floor / gap:.3f}x')
 
 
 if __name__ == '__main__':
