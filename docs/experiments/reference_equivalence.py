@@ -1,0 +1,119 @@
+"""The paper's reference model (murphyka/vit_ib ``models.py``) against ``vit_tiny_vib``, with the same weights and
+the same noise: logits, the KL of every layer, head and token, the loss and every parameter's gradient.
+
+    python docs/experiments/reference_equivalence.py VIT_IB_FOLDER [--vib-hidden 64] [--seed 0]
+
+VIT_IB_FOLDER holds the reference's ``models.py`` (a checkout of https://github.com/murphyka/vit_ib; it has no
+license, so it is not copied here). The reference model is built as its ``train.py`` builds it (``HeadwiseVIBED``
+with ``init_logvar=-6``, clamp (-10, 10), no ``small_init_dec``, wrapped into ``ViTWithHeadIB``) on a small
+timm ViT-Tiny (32 px, 8 px patches, depth 2, 5 classes), its weights converted with
+``timm_vib.convert_reference_state_dict`` into ``vit_tiny_vib``, and both run in training mode on the same images.
+The reference draws its noise per head (``torch.randn_like``), ``vit_tiny_vib`` for all heads of a layer at once:
+ours are recorded and handed to the reference in its order, so both sample the same z. The loss is the
+reference's: cross-entropy + beta x the mean of the KL over batch, layers, heads and tokens.
+
+Measured (2026-11-24, the reference at commit 5a50158, torch 2.14.1, timm 1.0.31, seed 0), relative differences:
+
+| bottleneck | logits | KL [B, depth, heads, tokens] | loss | largest over the parameters' gradients |
+| --- | ---: | ---: | ---: | ---: |
+| MLPs of 64 (the published runs) | 1.3e-07 | 4.6e-08 | 81.867493 vs 81.867500 | 3.3e-07 |
+| linear | 1.1e-07 | 5.0e-08 | 82.014069 vs 82.014061 | 3.9e-07 |
+
+float32 rounding: the two compute the same function and the same gradients. Handing the reference the heads' noise
+in the wrong order moves its gradients by 15 %, and taking the KL's sum instead of its mean moves the loss 94x.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_vib
+
+SIZE = dict(num_classes=5, img_size=32, patch_size=8, depth=2)
+
+
+def reference_model(models, vib_hidden: int) -> torch.nn.Module:
+    """The reference's model as its train.py builds it, on a small timm ViT-Tiny."""
+    base = timm.create_model('vit_tiny_patch16_224', pretrained=False, **SIZE)
+    hidden = vib_hidden or None
+    for blk in base.blocks:
+        ib = models.HeadwiseVIBED(head_dim=blk.attn.head_dim, bottleneck_dim=32, num_heads=blk.attn.num_heads,
+                                  hidden_enc=hidden, hidden_dec=hidden, init_logvar=-6.0, clamp=(-10, 10),
+                                  small_init_dec=False)
+        blk.attn = models.AttentionWithHeadIB(blk.attn, ib=ib)
+    blocks = torch.nn.ModuleList([models.BlockWithAttnIB(b) for b in base.blocks])
+    return models.ViTWithHeadIB(base, blocks)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('reference', type=Path, help='folder with the reference code\'s models.py')
+    p.add_argument('--vib-hidden', type=int, default=64, help='64: the published runs; 0: linear layers')
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args()
+    if not (args.reference / 'models.py').is_file():
+        raise SystemExit(f'{args.reference} has no models.py: give a checkout of murphyka/vit_ib')
+    sys.path.insert(0, str(args.reference))
+    import models  # the reference's
+
+    torch.manual_seed(args.seed)
+    ref = reference_model(models, args.vib_hidden).train()
+    with torch.no_grad():  # move every bias off its init, so a misplaced one shows
+        for name, prm in ref.named_parameters():
+            if name.endswith('bias'):
+                prm.add_(0.1 * torch.randn_like(prm))
+    ours = timm.create_model('vit_tiny_vib', beta=1.0, vib_hidden=args.vib_hidden, **SIZE).train()
+    ours.load_state_dict(timm_vib.convert_reference_state_dict(ref.state_dict()))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+
+    drawn = []
+    randn = torch.randn
+
+    def recording_randn(*a, **k):
+        drawn.append(randn(*a, **k))
+        return drawn[-1]
+
+    torch.randn = recording_randn
+    try:
+        logits, kl = ours(x, return_kl=True)  # kl: [B, depth, heads, tokens]
+    finally:
+        torch.randn = randn
+    loss = F.cross_entropy(logits, y) + ours.beta * timm_vib.information_loss(kl)
+    loss.backward()
+
+    # the reference's order: layer by layer, head by head, each a [B * N, r] draw
+    queue = [eps[:, h].reshape(-1, eps.shape[-1]) for eps in drawn for h in range(eps.shape[1])]
+    randn_like = torch.randn_like
+    torch.randn_like = lambda t, **k: queue.pop(0).to(t.dtype)
+    try:
+        ref_logits, kl_logs = ref(x)
+    finally:
+        torch.randn_like = randn_like
+    assert not queue, f'{len(queue)} noise draws left over: the two models sample differently'
+    ref_kl = torch.stack(kl_logs, dim=1)  # [B, depth, heads, tokens]
+    ref_loss = F.cross_entropy(ref_logits, y) + 1.0 * torch.concat(kl_logs, dim=1).mean()
+    ref_loss.backward()
+
+    ref_grads = timm_vib.convert_reference_state_dict(
+        {n: prm.grad for n, prm in ref.named_parameters() if prm.grad is not None})
+    our_grads = {n: prm.grad for n, prm in ours.named_parameters()}
+    assert set(ref_grads) == set(our_grads), set(ref_grads) ^ set(our_grads)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    print(f'vib_hidden {args.vib_hidden}, seed {args.seed}: {len(drawn)} layers of noise shared, '
+          f'{len(our_grads)} parameter tensors')
+    print(f'logits   max |diff| {(logits - ref_logits).abs().max().item():.2e}   relative {rel(logits, ref_logits):.2e}')
+    print(f'KL       max |diff| {(kl - ref_kl).abs().max().item():.2e} nats   relative {rel(kl, ref_kl):.2e}  '
+          f'(mean {ref_kl.mean().item():.3f} nats per head and token)')
+    print(f'loss     {loss.item():.6f} (ours)   {ref_loss.item():.6f} (reference)')
+    worst = max(our_grads, key=lambda n: rel(our_grads[n], ref_grads[n]))
+    print(f'gradients: largest relative difference {rel(our_grads[worst], ref_grads[worst]):.2e} ({worst})')
+
+
+if __name__ == '__main__':
+    main()
