@@ -1,12 +1,14 @@
 """The paper's reference model (murphyka/vit_ib ``models.py``) against ``vit_tiny_vib``, with the same weights and
 the same noise: logits, the KL of every layer, head and token, the loss and every parameter's gradient.
 
-    python docs/experiments/reference_equivalence.py VIT_IB_FOLDER [--vib-hidden 64] [--seed 0]
+    python docs/experiments/reference_equivalence.py VIT_IB_FOLDER [--vib-hidden 64] [--scale tiny|demo] [--seed 0]
 
 VIT_IB_FOLDER holds the reference's ``models.py`` (a checkout of https://github.com/murphyka/vit_ib; it has no
 license, so it is not copied here). The reference model is built as its ``train.py`` builds it (``HeadwiseVIBED``
 with ``init_logvar=-6``, clamp (-10, 10), no ``small_init_dec``, wrapped into ``ViTWithHeadIB``) on a small
-timm ViT-Tiny (32 px, 8 px patches, depth 2, 5 classes), its weights converted with
+timm ViT-Tiny (``--scale tiny``: 32 px, 8 px patches, depth 2, heads of 64, r 32, 5 classes: ``vit_tiny_vib`` folds
+the encoder and decoder into the projections) or on the demo's model (``--scale demo``: 16 px grey images in 2x2
+patches, depth 4, width 48, heads of 16, r 8: ``vit_tiny_vib`` runs them explicitly), its weights converted with
 ``timm_vib.convert_reference_state_dict`` into ``vit_tiny_vib``, and both run in training mode on the same images.
 The reference draws its noise per head (``torch.randn_like``), ``vit_tiny_vib`` for all heads of a layer at once:
 ours are recorded and handed to the reference in its order, so both sample the same z. The loss is the
@@ -14,10 +16,12 @@ reference's: cross-entropy + beta x the mean of the KL over batch, layers, heads
 
 Measured (2026-11-24, the reference at commit 5a50158, torch 2.14.1, timm 1.0.31, seed 0), relative differences:
 
-| bottleneck | logits | KL [B, depth, heads, tokens] | loss | largest over the parameters' gradients |
+| scale, bottleneck (our path) | logits | KL [B, depth, heads, tokens] | loss | largest over the gradients |
 | --- | ---: | ---: | ---: | ---: |
-| MLPs of 64 (the published runs) | 1.3e-07 | 4.6e-08 | 81.867493 vs 81.867500 | 3.3e-07 |
-| linear | 1.1e-07 | 5.0e-08 | 82.014069 vs 82.014061 | 3.9e-07 |
+| tiny, MLPs of 64, the published runs' (folded) | 1.3e-07 | 4.6e-08 | 81.867493 vs 81.867500 | 3.3e-07 |
+| tiny, linear (folded) | 1.1e-07 | 5.0e-08 | 82.014069 vs 82.014061 | 3.9e-07 |
+| demo, MLPs of 64 (explicit) | 1.0e-07 | 4.8e-08 | 22.481718 vs 22.481716 | 2.1e-07 |
+| demo, linear (folded) | 8.7e-08 | 4.6e-08 | 22.408968 vs 22.408968 | 5.4e-07 |
 
 float32 rounding: the two compute the same function and the same gradients. Handing the reference the heads' noise
 in the wrong order moves its gradients by 15 %, and taking the KL's sum instead of its mean moves the loss 94x.
@@ -32,15 +36,19 @@ import torch.nn.functional as F
 
 import timm_vib
 
-SIZE = dict(num_classes=5, img_size=32, patch_size=8, depth=2)
+SCALES = {  # timm kwargs, latent size r, input shape
+    'tiny': (dict(num_classes=5, img_size=32, patch_size=8, depth=2), 32, (4, 3, 32, 32)),
+    'demo': (dict(num_classes=10, img_size=16, patch_size=2, in_chans=1, depth=4, embed_dim=48, num_heads=3), 8,
+             (4, 1, 16, 16)),
+}
 
 
-def reference_model(models, vib_hidden: int) -> torch.nn.Module:
+def reference_model(models, vib_hidden: int, size: dict, vib_dim: int) -> torch.nn.Module:
     """The reference's model as its train.py builds it, on a small timm ViT-Tiny."""
-    base = timm.create_model('vit_tiny_patch16_224', pretrained=False, **SIZE)
+    base = timm.create_model('vit_tiny_patch16_224', pretrained=False, **size)
     hidden = vib_hidden or None
     for blk in base.blocks:
-        ib = models.HeadwiseVIBED(head_dim=blk.attn.head_dim, bottleneck_dim=32, num_heads=blk.attn.num_heads,
+        ib = models.HeadwiseVIBED(head_dim=blk.attn.head_dim, bottleneck_dim=vib_dim, num_heads=blk.attn.num_heads,
                                   hidden_enc=hidden, hidden_dec=hidden, init_logvar=-6.0, clamp=(-10, 10),
                                   small_init_dec=False)
         blk.attn = models.AttentionWithHeadIB(blk.attn, ib=ib)
@@ -52,6 +60,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('reference', type=Path, help='folder with the reference code\'s models.py')
     p.add_argument('--vib-hidden', type=int, default=64, help='64: the published runs; 0: linear layers')
+    p.add_argument('--scale', choices=tuple(SCALES), default='tiny')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args()
     if not (args.reference / 'models.py').is_file():
@@ -60,14 +69,15 @@ def main() -> None:
     import models  # the reference's
 
     torch.manual_seed(args.seed)
-    ref = reference_model(models, args.vib_hidden).train()
+    size, vib_dim, shape = SCALES[args.scale]
+    ref = reference_model(models, args.vib_hidden, size, vib_dim).train()
     with torch.no_grad():  # move every bias off its init, so a misplaced one shows
         for name, prm in ref.named_parameters():
             if name.endswith('bias'):
                 prm.add_(0.1 * torch.randn_like(prm))
-    ours = timm.create_model('vit_tiny_vib', beta=1.0, vib_hidden=args.vib_hidden, **SIZE).train()
+    ours = timm.create_model('vit_tiny_vib', beta=1.0, vib_hidden=args.vib_hidden, vib_dim=vib_dim, **size).train()
     ours.load_state_dict(timm_vib.convert_reference_state_dict(ref.state_dict()))
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    x, y = torch.randn(*shape), torch.randint(0, size['num_classes'], (shape[0],))
 
     drawn = []
     randn = torch.randn
@@ -105,8 +115,8 @@ def main() -> None:
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-    print(f'vib_hidden {args.vib_hidden}, seed {args.seed}: {len(drawn)} layers of noise shared, '
-          f'{len(our_grads)} parameter tensors')
+    print(f'{args.scale} scale, vib_hidden {args.vib_hidden}, seed {args.seed}: folded projections '
+          f'{ours.blocks[0].attn.can_fold}, {len(drawn)} layers of noise shared, {len(our_grads)} parameter tensors')
     print(f'logits   max |diff| {(logits - ref_logits).abs().max().item():.2e}   relative {rel(logits, ref_logits):.2e}')
     print(f'KL       max |diff| {(kl - ref_kl).abs().max().item():.2e} nats   relative {rel(kl, ref_kl):.2e}  '
           f'(mean {ref_kl.mean().item():.3f} nats per head and token)')
