@@ -25,8 +25,12 @@ Measured (2026-11-24, the reference at commit 5a50158, torch 2.14.1, timm 1.0.31
 
 float32 rounding: the two compute the same function and the same gradients. Handing the reference the heads' noise
 in the wrong order moves its gradients by 15 %, and taking the KL's sum instead of its mean moves the loss 94x.
+The weight decay falls on the same tensors too: the reference's ``get_param_groups`` (read from its train.py) and
+the trainer's ``timm.optim.create_optimizer_v2`` decay the same 11 of 47 (tiny) and 19 of 87 (demo) tensors, the
+position embedding included (timm's ViT would exempt it).
 """
 import argparse
+import ast
 import sys
 from pathlib import Path
 
@@ -54,6 +58,20 @@ def reference_model(models, vib_hidden: int, size: dict, vib_dim: int) -> torch.
         blk.attn = models.AttentionWithHeadIB(blk.attn, ib=ib)
     blocks = torch.nn.ModuleList([models.BlockWithAttnIB(b) for b in base.blocks])
     return models.ViTWithHeadIB(base, blocks)
+
+
+def reference_function(path: Path, name: str):
+    """One top-level function of a reference file, compiled alone (importing train.py initialises CUDA)."""
+    tree = ast.parse(path.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope: dict = {}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), 'exec'), scope)
+    return scope[name]
+
+
+def decayed(groups, names) -> set:
+    """Names of the parameters in optimizer groups with weight decay."""
+    return {names[id(prm)] for g in groups if g['weight_decay'] > 0 for prm in g['params']}
 
 
 def main() -> None:
@@ -123,6 +141,23 @@ def main() -> None:
     print(f'loss     {loss.item():.6f} (ours)   {ref_loss.item():.6f} (reference)')
     worst = max(our_grads, key=lambda n: rel(our_grads[n], ref_grads[n]))
     print(f'gradients: largest relative difference {rel(our_grads[worst], ref_grads[worst]):.2e} ({worst})')
+
+    # weight decay: the reference's get_param_groups against the trainer's timm optimizer factory
+    if (args.reference / 'train.py').is_file():
+        from timm.optim import create_optimizer_v2
+        get_param_groups = reference_function(args.reference / 'train.py', 'get_param_groups')
+        ref_names = {id(prm): n for n, prm in ref.named_parameters()}
+        ref_decayed_names = decayed(get_param_groups(ref, 0.05), ref_names)
+        converted = timm_vib.convert_reference_state_dict(dict(ref.named_parameters()))
+        # our name of each reference tensor: 'vit.' + name, a bottleneck's per-head layers under '.attn.ib.'
+        ref_decayed = {k for k in converted if '.attn.vib.' not in k and 'vit.' + k in ref_decayed_names}
+        if any('.attn.ib.' in n for n in ref_decayed_names):
+            ref_decayed |= {k for k in converted if '.attn.vib.' in k}
+        our_names = {id(prm): n for n, prm in ours.named_parameters()}
+        our_decayed = decayed(create_optimizer_v2(ours, 'adamw', lr=1e-3, weight_decay=0.05).param_groups, our_names)
+        print(f'weight decay on {len(our_decayed)} of {len(our_names)} tensors; the same set as the reference\'s: '
+              f'{our_decayed == ref_decayed}' + ('' if our_decayed == ref_decayed else
+                                                 f' (differ: {sorted(our_decayed ^ ref_decayed)})'))
 
 
 if __name__ == '__main__':
