@@ -358,6 +358,60 @@ def test_image_folder_with_class_list(tmp_path, monkeypatch):
         build_datasets(str(tmp_path / 'in'), 16, class_list='imagenet100')
 
 
+def test_photo_folders_get_the_reference_codes_augmentation(tmp_path):
+    """The reference's train.py: RandomResizedCrop(0.08-1, bicubic), RandomHorizontalFlip, torchvision's
+    RandAugment(num_ops=2, magnitude=9), ToTensor, Normalize(ImageNet), in that order; not timm's 'rand-m9-n2'
+    (other ops, each with probability 0.5, three times the magnitude) and no colour jitter."""
+    from timm.data import IMAGENET_DEFAULT_MEAN
+    from timm.data.auto_augment import RandAugment as TimmRandAugment
+    from torchvision import transforms
+    make_folder(tmp_path / 'in', ['n01', 'n02'])
+    sets, spec = build_datasets(str(tmp_path / 'in'), 16, seed=3)
+    steps = sets['train'].transform.transforms
+    names = [type(t).__name__ for t in steps]
+    assert names == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'MaybeToTensor',
+                     'Normalize'], names
+    crop, flip, ra, _, norm = steps
+    assert crop.scale == (0.08, 1.0) and str(crop.interpolation).lower().endswith('bicubic') and flip.p == 0.5
+    assert isinstance(ra, transforms.RandAugment) and not isinstance(ra, TimmRandAugment)
+    assert (ra.num_ops, ra.magnitude, ra.num_magnitude_bins) == (2, 9, 31)
+    assert torch.allclose(norm.mean, torch.tensor(IMAGENET_DEFAULT_MEAN))
+    assert spec.augmentation['rand_augment'] == {'implementation': 'torchvision', 'num_ops': 2, 'magnitude': 9}
+    assert spec.augmentation['auto_augment'] is None and spec.augmentation['color_jitter'] is None
+    # torchvision's RandAugment draws from torch's generator, which the dataset seeds per (seed, epoch, index)
+    train = sets['train']
+    first = [train[i][0] for i in range(4)]
+    assert all(torch.equal(a, train[i][0]) for i, a in enumerate(first))
+    train.set_epoch(1)
+    assert not all(torch.equal(a, train[i][0]) for i, a in enumerate(first))
+    # the built-in grey sets keep the crop and the colour jitter they have always had (timm's default 0.4)
+    grey, gspec = build_datasets('digits', 16, seed=0)
+    assert [type(t).__name__ for t in grey['train'].transform.transforms] == [
+        'RandomResizedCropAndInterpolation', 'ColorJitter', 'MaybeToTensor', 'Normalize']
+    assert gspec.augmentation['color_jitter'] == 0.4 and 'rand_augment' not in gspec.augmentation
+
+
+def test_resume_refuses_a_run_trained_with_another_augmentation(tmp_path):
+    from timm_vib.training import _check_same_augmentation
+    make_folder(tmp_path / 'in', ['n01', 'n02'])
+    now = {'data': build_datasets(str(tmp_path / 'in'), 16)[1].to_dict()}
+    before = json.loads(json.dumps(now))
+    before['data']['augmentation'] = {'scale': [0.08, 1.0], 'ratio': [0.75, 4 / 3], 'hflip': 0.5,
+                                      'auto_augment': 'rand-m9-n2'}  # what photo runs recorded until 2026-11-24
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'run_config.json').write_text(json.dumps(before))
+    with pytest.raises(ValueError, match="auto_augment: 'rand-m9-n2' then, None now"):
+        _check_same_augmentation(tmp_path / 'run', now)
+    (tmp_path / 'run' / 'run_config.json').write_text(json.dumps(now))
+    _check_same_augmentation(tmp_path / 'run', now)
+    # a grey run recorded before the colour jitter was written down resumes: it had the same jitter
+    grey = {'data': build_datasets('digits', 16)[1].to_dict()}
+    older = json.loads(json.dumps(grey))
+    del older['data']['augmentation']['color_jitter']
+    (tmp_path / 'run' / 'run_config.json').write_text(json.dumps(older))
+    _check_same_augmentation(tmp_path / 'run', grey)
+
+
 # --- bad input: clear errors before anything is trained ------------------------------------------
 
 @pytest.mark.parametrize('extra, error, match', [

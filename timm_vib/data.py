@@ -5,17 +5,19 @@
 * ``digits``: scikit-learn's 1,797 handwritten digits (8x8 px, 16 grey levels, 10 classes), upsampled
   by the transforms to the model's image size (which its patch size must divide). Split 80 / 20
   (stratified, fixed seed 0: 1,437 train / 360 val, the same for every run). Training augmentation:
-  RandomResizedCrop scale (0.7, 1), no flips (a flipped digit is another symbol or none), no RandAugment.
+  RandomResizedCrop scale (0.7, 1), colour jitter 0.4 (brightness and contrast: timm's default), no flips (a
+  flipped digit is another symbol or none), no RandAugment.
 * ``fashion-mnist``: Fashion-MNIST read from its four IDX files (``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, optionally
   ``.gz``) in Debian's ``dataset-fashion-mnist`` package or in the folder given as
   ``fashion-mnist:FOLDER``. 60,000 train / 10,000 val (the official test set), 28x28 grey, 10 classes.
-  Augmentation: RandomResizedCrop scale (0.7, 1) and horizontal flips (clothes are mirror-symmetric).
+  Augmentation: RandomResizedCrop scale (0.7, 1), colour jitter 0.4 and horizontal flips (clothes are
+  mirror-symmetric).
 * a folder in ImageNet layout (``FOLDER/train/<wnid>/*.JPEG``, ``FOLDER/val/<wnid>/*``; ``validation``
   also accepted), read through timm's dataset factory, optionally restricted with a class list
-  (a file of WordNet ids, or ``imagenet100`` for the list of Tian et al. 2020). The paper's recipe:
-  RandomResizedCrop (0.08, 1), horizontal flip, RandAugment 2 ops magnitude 9; validation resize +
-  center crop (crop_pct 0.875), bicubic, ImageNet mean / std.
+  (a file of WordNet ids, or ``imagenet100`` for the list of Tian et al. 2020). The reference code's recipe:
+  RandomResizedCrop (0.08, 1), horizontal flip, torchvision's RandAugment (2 ops, magnitude 9), bicubic;
+  validation resize + center crop (crop_pct 0.875), ImageNet mean / std.
 
 Grey images are replicated to 3 channels, so every model takes RGB. Training augmentation draws its
 randomness from a generator seeded by (seed, epoch, sample index), not from the process-wide RNGs:
@@ -49,7 +51,14 @@ BUILTIN = ('digits', 'fashion-mnist')
 GREY_MEAN, GREY_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 # photographs (image folders, timm's named datasets): ImageNet statistics, crop and augmentation
 _PHOTO_EVAL = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 0.875, 'bicubic')  # mean, std, crop_pct, interpolation
-_PHOTO_AUG = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, auto_augment='rand-m9-n2')
+# The reference code's RandAugment is torchvision's (every image gets 2 of 14 ops at 9/30 of each op's range, e.g.
+# rotations up to 9 degrees), not timm's 'rand-m9-n2' (15 ops with Invert and SolarizeAdd, each applied with
+# probability 0.5, at 9/10 of the range: rotations up to 27 degrees), so the photo recipe puts torchvision's
+# between timm's crop / flip and its tensor steps.
+_PHOTO_AUG = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, auto_augment=None, color_jitter=None,
+                  rand_augment=dict(implementation='torchvision', num_ops=2, magnitude=9))
+# timm's create_transform default, which the built-in grey sets have always had (brightness, contrast, saturation)
+_GREY_COLOR_JITTER = 0.4
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist', '/usr/share/dataset-fashion-mnist')
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
@@ -385,7 +394,8 @@ def build_datasets(
         bases = {s: read(s) for s in splits}
         classes = next(iter(bases.values())).classes
         mean, std, crop_pct, interp = GREY_MEAN, GREY_STD, 1.0, 'bilinear'
-        aug = dict(scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.0 if kind == 'digits' else 0.5, auto_augment=None)
+        aug = dict(scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.0 if kind == 'digits' else 0.5, auto_augment=None,
+                   color_jitter=_GREY_COLOR_JITTER)
         name = kind if folder is None else f'{kind}:{folder}'
     limits = {'train': max_train_samples, 'val': max_val_samples}
     for s, n in limits.items():
@@ -401,9 +411,7 @@ def build_datasets(
     out = {}
     for s, base in bases.items():
         if s == 'train':
-            tf = create_transform(img_size, is_training=True, scale=aug['scale'], ratio=aug['ratio'], hflip=aug['hflip'],
-                                  auto_augment=aug['auto_augment'], interpolation=interp, mean=norm_mean, std=norm_std)
-            out[s] = TransformedDataset(base, tf, seed=seed)
+            out[s] = TransformedDataset(base, _train_transform(img_size, aug, interp, norm_mean, norm_std), seed=seed)
         else:
             tf = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interp,
                                   mean=norm_mean, std=norm_std)
@@ -413,6 +421,20 @@ def build_datasets(
         crop_pct=crop_pct, interpolation=interp, num_train=len(out.get('train', ())), num_val=len(out.get('val', ())),
         class_list=class_list, augmentation=dict(aug, scale=list(aug['scale']), ratio=list(aug['ratio'])))
     return out, spec
+
+
+def _train_transform(img_size: int, aug: Dict[str, Any], interpolation: str, mean, std) -> Callable:
+    """timm's crop, flip and colour jitter, torchvision's RandAugment where ``aug`` asks for it, then timm's
+    tensor conversion and normalisation (the reference code's order)."""
+    kw = dict(scale=aug['scale'], ratio=aug['ratio'], hflip=aug['hflip'], auto_augment=aug['auto_augment'],
+              color_jitter=aug['color_jitter'], interpolation=interpolation, mean=mean, std=std)
+    if not aug.get('rand_augment'):
+        return create_transform(img_size, is_training=True, **kw)
+    from torchvision import transforms
+    ra = aug['rand_augment']
+    primary, secondary, final = create_transform(img_size, is_training=True, separate=True, **kw)
+    rand_augment = transforms.RandAugment(num_ops=ra['num_ops'], magnitude=ra['magnitude'])
+    return transforms.Compose([*primary.transforms, *secondary.transforms, rand_augment, *final.transforms])
 
 
 def create_loaders(

@@ -610,6 +610,23 @@ def _accelerator(args: argparse.Namespace, out: Path):
     )
 
 
+def _check_same_augmentation(out: Path, config: Dict[str, Any]) -> None:
+    """ValueError when the run in ``out`` was trained with another augmentation than this code builds from the same
+    arguments (photo folders had timm's 'rand-m9-n2' RandAugment until 2026-11-24, the reference code's torchvision
+    RandAugment since). Only the entries both records have are compared: older records leave out the colour jitter
+    that the grey sets have always had."""
+    try:
+        recorded = json.loads((out / RUN_CONFIG).read_text())['data']['augmentation']
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable record to compare with (the checkpoint's own checks still apply)
+    now = json.loads(json.dumps(config['data']['augmentation']))
+    differ = sorted(k for k in recorded.keys() & now.keys() if recorded[k] != now[k])
+    if differ:
+        said = '; '.join(f'{k}: {recorded[k]!r} then, {now[k]!r} now' for k in differ)
+        raise ValueError(f'{out} was trained with another augmentation than this timm_vib builds ({said}): resuming '
+                         'would change the recipe mid-run; train into another --output')
+
+
 def _resume(args, accelerator, ckpts: 'Checkpoints', out: Path, config: Dict[str, Any]) -> Dict[str, Any]:
     """Step 6: the training position (epoch, batch, step, running sums) to start from, restoring
     model, optimizer, RNG and sampler states from the checkpoint when resuming; writes
@@ -623,6 +640,7 @@ def _resume(args, accelerator, ckpts: 'Checkpoints', out: Path, config: Dict[str
         elif not (resume_from / TRAIN_STATE_NAME).is_file():
             raise FileNotFoundError(f'{resume_from} is not a checkpoint of this trainer (no train_state.json)')
     if resume_from is not None:
+        _check_same_augmentation(out, config)
         state = ckpts.load(resume_from)
         if not accelerator.is_main_process:
             state['sums'] = [0.0] * 4  # the saved sums are over all processes; rank 0 carries them
