@@ -18,6 +18,7 @@ from timm_vib.hub import export, repo_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--data', 'digits', '--epochs', '1', '--batch-size', '64', '--seed', '0', '--stochastic-eval', '2',
+        '--lr', '2e-3', '--warmup-epochs', '0.5', '--weight-decay', '0.02',  # not the defaults: the card must say them
         '--model-kwargs', 'depth=2', 'img_size=16', 'patch_size=4', 'embed_dim=48', 'num_heads=3', 'vib_dim=4']
 
 
@@ -82,6 +83,15 @@ def test_card_names_how_the_run_validated(sweep, tmp_path):
     card = build_card(sweep / 'vit_tiny_noattn', 'testorg/noattn')
     assert f"| top-1 | {plain['val_top1']:.2f}% |" in card.text
     assert card.data.eval_results[0].metric_value == pytest.approx(plain['val_top1'], abs=1e-3)  # no sampled passes
+
+
+def test_card_states_the_runs_recipe(sweep):
+    """The recipe line gives the run's own lr, weight decay, warm-up, batch and augmentation (TINY's values)."""
+    from timm_vib.hub import build_card
+    text = build_card(sweep / 'vit_tiny_vib_b4', 'testorg/b4').text
+    assert ('- recipe: AdamW, lr 0.002, weight decay 0.02 (none on biases, 1-D parameters and bottleneck parameters), '
+            'cosine schedule with 0.5 warmup epochs, 1 epochs, batch 64 (all processes), seed 0') in text
+    assert '- augmentation: RandomResizedCrop scale (0.7, 1.0), colour jitter 0.4\n' in text  # digits: no flips
 
 
 def test_card_states_the_initial_weights(sweep, tmp_path):

@@ -56,6 +56,33 @@ def _card_metadata() -> Dict[str, Any]:
     return json.loads(resources.files('hub_cards').joinpath('models.json').read_text())
 
 
+def _recipe(run_cfg: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The training recipe the card states, from run_config.json (its optimizer, schedule and args sections)."""
+    args, opt, sched = run_cfg.get('args', {}), run_cfg.get('optimizer', {}), run_cfg.get('schedule', {})
+    aug = (run_cfg.get('data') or {}).get('augmentation') or {}
+    parts = []
+    if aug:
+        parts.append(f"RandomResizedCrop scale {tuple(aug.get('scale', ()))}")
+        if aug.get('hflip'):
+            parts.append(f"horizontal flip p {aug['hflip']:g}")
+        if aug.get('color_jitter'):
+            parts.append(f"colour jitter {aug['color_jitter']:g}")
+        ra = aug.get('rand_augment')
+        if ra:
+            parts.append(f"{ra.get('implementation', '')} RandAugment ({ra.get('num_ops')} ops, magnitude {ra.get('magnitude')})".strip())
+        if aug.get('auto_augment'):
+            parts.append(f"timm auto-augment `{aug['auto_augment']}`")
+    return dict(
+        lr=opt.get('lr', args.get('lr')),
+        weight_decay=opt.get('weight_decay', args.get('weight_decay')),
+        warmup_epochs=sched.get('warmup_epochs', args.get('warmup_epochs')),
+        epochs=summary.get('epochs', args.get('epochs')),
+        batch_size=run_cfg.get('global_batch_size', args.get('batch_size')),
+        class_list=args.get('class_list'),
+        augmentation=', '.join(parts),
+    )
+
+
 def build_card(run_dir: PathLike, repo_id: str, figure: Optional[str] = None) -> ModelCard:
     """The model card of a finished run: YAML metadata (library timm, tags, datasets, license,
     model-index with the measured top-1 / top-5 / nats) and the text from ``hub_cards/``."""
@@ -132,12 +159,7 @@ def build_card(run_dir: PathLike, repo_id: str, figure: Optional[str] = None) ->
         num_active_heads=summary.get('num_active_heads', 0),
         active_heads=summary.get('active_heads') or [],
         figure=figure,
-        class_list=run_cfg.get('class_list'),
-        lr=run_cfg.get('lr', 6e-4),
-        weight_decay=run_cfg.get('weight_decay', 0.05),
-        warmup_epochs=run_cfg.get('warmup_epochs', 10),
-        epochs=summary.get('epochs', run_cfg.get('epochs')),
-        batch_size=run_cfg.get('batch_size'),
+        **_recipe(run_cfg, summary),
         seed=run_cfg.get('seed'),
         mixed_precision=run_cfg.get('mixed_precision', 'no'),
         kl_reduction=summary.get('kl_reduction', run_cfg.get('kl_reduction', 'mean')),
