@@ -25,6 +25,18 @@ def test_round_trip_through_timm_local_dir(tmp_path, name):
         assert tuple(loaded.pretrained_cfg['mean']) == (0.5,) * 3
 
 
+def test_the_recorded_tag_says_what_the_weights_were_trained_on(tmp_path):
+    """The registered configs carry timm's tag 'in100'; save_model keeps it by default and records the tag it is
+    given instead (None: none), and timm loads the folder either way."""
+    model = timm.create_model('vit_tiny_vib_b4', vib_dim=8, **SMALL).eval()
+    assert model.pretrained_cfg['tag'] == 'in100'
+    for tag, expected in (('', 'in100'), (None, None), ('digits', 'digits')):
+        folder = save_model(model, tmp_path / str(tag), tag=tag)
+        assert json.loads((folder / 'config.json').read_text())['pretrained_cfg'].get('tag') == expected
+        loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        torch.testing.assert_close(loaded(torch.ones(1, 3, 32, 32)), model(torch.ones(1, 3, 32, 32)), rtol=0, atol=0)
+
+
 def test_linear_checkpoints_of_timm_vib_0_1_still_load(tmp_path):
     """timm_vib 0.1 had linear bottlenecks and no vib_hidden in config.json: they load as vib_hidden=0;
     timm's own local-dir path, which builds the registered default (the MLP), says what to pass."""

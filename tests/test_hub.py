@@ -92,6 +92,30 @@ def test_card_states_the_runs_recipe(sweep):
     assert ('- recipe: AdamW, lr 0.002, weight decay 0.02 (none on biases, 1-D parameters and bottleneck parameters), '
             'cosine schedule with 0.5 warmup epochs, 1 epochs, batch 64 (all processes), seed 0') in text
     assert '- augmentation: RandomResizedCrop scale (0.7, 1.0), colour jitter 0.4\n' in text  # digits: no flips
+    assert '(measured on the validation split of scikit-learn digits: 360 images)' in text
+    assert '(10 classes, 16 px, 1437 training images)' in text
+    assert '- information term: beta = 4 times the KL' in text
+    # a model without a bottleneck had no information term and no beta warm-up
+    plain = build_card(sweep / 'vit_tiny_noattn', 'testorg/noattn').text
+    assert '- information term' not in plain and 'warm-up)' not in plain
+    # a digits run is not the registered configs' ImageNet-100 weights
+    assert 'tag' not in json.loads((sweep / 'vit_tiny_vib_b4' / 'config.json').read_text())['pretrained_cfg']
+
+
+def test_card_follows_the_beta_the_run_trained_with(sweep, tmp_path):
+    """`--model vit_tiny_vib_b4 --beta 1` records model vit_tiny_vib_b4 and beta 1: a beta-1 model, by title and
+    by the default repo id."""
+    import shutil
+    from timm_vib.hub import build_card
+    run = tmp_path / 'b4_at_1'
+    shutil.copytree(sweep / 'vit_tiny_vib_b4', run)
+    summary = json.loads((run / 'summary.json').read_text())
+    (run / 'summary.json').write_text(json.dumps({**summary, 'beta': 1.0}))
+    text = build_card(run, 'testorg/x').text
+    assert '# testorg/x: ViT-Tiny, information-bottlenecked attention, beta = 1\n' in text
+    assert 'beta = 4' not in text and 'beta = 1 times the KL' in text
+    folder = export(run, tmp_path / 'hub')
+    assert '# timm-vib/vit_tiny_vib_b1: ' in (folder / 'README.md').read_text()
 
 
 def test_card_states_the_initial_weights(sweep, tmp_path):

@@ -37,6 +37,7 @@ def save_model(
         model_args: Optional[Dict[str, Any]] = None,
         data_config: Optional[Dict[str, Any]] = None,
         architecture: Optional[str] = None,
+        tag: Optional[str] = '',
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (timm's Hub format) into ``folder``.
 
@@ -45,6 +46,8 @@ def save_model(
         model_args: extra / replacement kwargs for ``timm.create_model`` (e.g. ``{'beta': 2.0}``).
         data_config: preprocessing of the weights (mean, std, input_size, crop_pct, interpolation).
         architecture: registered name to record instead of the one the model was created with.
+        tag: the pretrained tag to record (timm's ``name.tag``: what the weights were trained on); ``None`` records
+            none, ``''`` keeps the model's (the registered configs say ``in100``, which a run on other data is not).
 
     Each file is written to a temporary name and renamed, so an interruption leaves the previous
     files intact. Returns the folder.
@@ -57,10 +60,15 @@ def save_model(
         model_args = {'vib_dim': model.vib_dim, 'vib_hidden': model.vib_hidden, **(model_args or {})}
     with tempfile.TemporaryDirectory(prefix='.save-', dir=folder) as tmp:
         save_for_hf(model, tmp, model_args=model_args, safe_serialization=True, data_config=data_config)
-        if architecture:  # save_for_hf keeps the model's own name; the recorded one must match the args
+        if architecture or tag != '':  # save_for_hf keeps the model's own name and tag
             cfg_path = Path(tmp) / CONFIG_NAME
             cfg = json.loads(cfg_path.read_text())
-            cfg['architecture'] = architecture
+            if architecture:  # the recorded name must match the args
+                cfg['architecture'] = architecture
+            if tag != '':
+                cfg.get('pretrained_cfg', {}).pop('tag', None)
+                if tag:
+                    cfg.setdefault('pretrained_cfg', {})['tag'] = tag
             cfg_path.write_text(json.dumps(cfg, indent=2))
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             with open(Path(tmp) / name, 'rb+') as f:

@@ -80,6 +80,8 @@ def _recipe(run_cfg: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
         batch_size=run_cfg.get('global_batch_size', args.get('batch_size')),
         class_list=args.get('class_list'),
         augmentation=', '.join(parts),
+        num_val=(run_cfg.get('data') or {}).get('num_val'),
+        num_train=(run_cfg.get('data') or {}).get('num_train'),
     )
 
 
@@ -92,8 +94,9 @@ def build_card(run_dir: PathLike, repo_id: str, figure: Optional[str] = None) ->
     timm_cfg = read_config(run_dir)
     arch = timm_cfg['architecture']
     meta_all = _card_metadata()
-    meta = meta_all.get(summary.get('model', arch)) or meta_all.get(arch) or meta_all['vit_tiny_vib']
-    dataset = str(summary.get('dataset', run_cfg.get('data', 'unknown')))
+    # by the beta the run trained with: `--model vit_tiny_vib_b1 --beta 4` is a beta-4 model
+    meta = meta_all.get(repo_name(summary)) or meta_all.get(arch) or meta_all['vit_tiny_vib']
+    dataset = str(summary.get('dataset', run_cfg.get('dataset', 'unknown')))
     dataset_name = {'digits': 'scikit-learn digits', 'fashion-mnist': 'Fashion-MNIST'}.get(dataset, Path(dataset).name or dataset)
     model_name = repo_id.split('/')[-1]
 
@@ -208,7 +211,7 @@ def export(run_dir: PathLike, folder: PathLike, repo_id: Optional[str] = None, o
     from .checkpoints import load_model
     run_dir, folder = Path(run_dir), Path(folder)
     summary = _check_run(run_dir)
-    repo_id = repo_id or f"{os.environ.get('TIMM_VIB_HUB_NAMESPACE', 'timm-vib')}/{summary.get('model', read_config(run_dir)['architecture'])}"
+    repo_id = repo_id or f"{os.environ.get('TIMM_VIB_HUB_NAMESPACE', 'timm-vib')}/{repo_name(summary)}"
     _check_destination(run_dir, folder, overwrite)
     load_model(run_dir)  # the weights load into the recorded architecture, or a clear error before any write
     with staging_folder(folder, STAGING_PREFIX) as staging:

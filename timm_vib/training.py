@@ -837,7 +837,9 @@ def train(args: argparse.Namespace) -> Path:
     _wait_for_everyone(accelerator)
     net = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        save_model(net, out, model_args=model_args, data_config=spec.data_config(), architecture=arch)
+        # the registered configs' tag is 'in100': only an ImageNet-100 run keeps it
+        tag = 'in100' if args.class_list == 'imagenet100' else None
+        save_model(net, out, model_args=model_args, data_config=spec.data_config(), architecture=arch, tag=tag)
         last = read_metrics(out / METRICS)[-1]
         atomic_write_json(out / SUMMARY, _summary(args, net, accelerator, spec, arch, beta, attn_mode, img_size, state, last))
         remove_temporaries(out)
