@@ -477,9 +477,16 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
     self_mi, self_se = torch.diagonal(res.mutual_information), torch.diagonal(res.mutual_information_stderr)
     ok = ((self_mi > 1e-3) & (self_se < 0.25 * self_mi)).nonzero().flatten().tolist()
     dropped = [names[i] for i in range(K) if i not in ok]
-    if len(ok) < 2:
-        ok = list(range(K))
-        dropped = []
+    if len(ok) < 2:  # a matrix of ratios of noise would look like a result: say so instead
+        fig, ax = plt.subplots(figsize=(5, 1))
+        ax.axis('off')
+        ax.text(0.5, 0.5, f'the samples resolve the information of {len(ok)} of {K} heads: no NMI matrix',
+                ha='center', va='center')
+        save_figure(fig, path)
+        info = ', '.join(f'{n}: {float(res.information[i]):.3g} ± {float(res.information_stderr[i]):.2g}'
+                         for i, n in enumerate(names))
+        return (f"No NMI matrix: of the {K} most informative active heads, the {n_samples} samples resolve I(U;U') "
+                f"(above 0.001 nats, standard error below a quarter of it) for {len(ok)}; I(X;U) in nats: {info}.")
     val = res.value[ok][:, ok].clamp(0, 1)
     se = res.stderr[ok][:, ok]
     names = [names[i] for i in ok]
@@ -510,7 +517,8 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
         r0 = _restricted(runs)[0]
         tops = [(r0, ranked(r0)[0])] + across if ranked(r0) else across
         first = [i for i, (r, lh) in enumerate(heads) if any(r is t and lh == tl for t, tl in tops)]
-        pairs_txt = [f'{names[a]} ~ {names[b]}: {float(val[a, b]):.2f}' for ai, a in enumerate(first) for b in first[ai + 1:]]
+        pairs_txt = [f'{names[a]} ~ {names[b]}: ' + ('n/a' if math.isnan(float(val[a, b])) else f'{float(val[a, b]):.2f}')
+                     for ai, a in enumerate(first) for b in first[ai + 1:]]
         if pairs_txt:
             best = [x for x in best if not (x[1] in first and x[2] in first)]
             info += f". Across seeds, the most restricted model's most informative head: {'; '.join(pairs_txt)}"
@@ -754,8 +762,9 @@ def _analyze(all_runs, out: Path, max_images, batch_size, kl_map_images, nmi_sam
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     groups = seed_groups(all_runs)
     runs = [g[0] for g in groups]  # one seed per model for the per-run dissections
-    restricted = [g for g in groups if g[0].mode == 'vib']
-    other_seeds = restricted[0][1:] if restricted else []  # the most restricted model's other seeds
+    # the other seeds of the model whose heads Fig. 6 shows first: the most restricted one with an active head
+    first = _restricted(runs)[:1]
+    other_seeds = next((g[1:] for g in groups if first and g[0] is first[0]), [])
     torch.manual_seed(0)
     for r in all_runs:  # every seed: patch voting (Fig. 1c) is reported over seeds
         r.model(device)
