@@ -76,9 +76,11 @@ def test_card_names_how_the_run_validated(sweep, tmp_path):
     run = tmp_path / 'b4'
     shutil.copytree(sweep / 'vit_tiny_vib_b4', run)
     summary = json.loads((run / 'summary.json').read_text())
-    (run / 'summary.json').write_text(json.dumps({**summary, 'eval_z': 'mean'}))
-    assert f"| top-1, one validation pass in eval mode (posterior mean) | {summary['val_top1']:.2f}% |" in \
-        build_card(run, 'testorg/b4').text
+    one = {'k': 1, 'top1_mean': summary['val_top1'], 'top1_std': None}  # what --stochastic-eval 1 records
+    (run / 'summary.json').write_text(json.dumps({**summary, 'eval_z': 'mean', 'stochastic_eval': one}))
+    text = build_card(run, 'testorg/b4').text
+    assert f"| top-1, one validation pass in eval mode (posterior mean) | {summary['val_top1']:.2f}% |" in text
+    assert f"| top-1 over 1 stochastic validation pass | {summary['val_top1']:.2f}% |" in text  # no spread of one
     plain = json.loads((sweep / 'vit_tiny_noattn' / 'summary.json').read_text())
     card = build_card(sweep / 'vit_tiny_noattn', 'testorg/noattn')
     assert f"| top-1 | {plain['val_top1']:.2f}% |" in card.text

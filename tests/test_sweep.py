@@ -90,6 +90,11 @@ def test_local_launcher_runs_two_jobs_and_resumes_a_killed_sweep(tmp_path, capsy
     stamps = [(r / 'summary.json').stat().st_mtime_ns for r in runs]
     assert main(argv) == 0 and 'already finished' in capsys.readouterr().out
     assert [(r / 'summary.json').stat().st_mtime_ns for r in runs] == stamps
+    # the same folder with other settings: refused, naming them, nothing trained or tabulated
+    assert main([*argv, '--epochs', '3']) == 2
+    err = capsys.readouterr().err
+    assert 'other settings' in err and "--epochs 2 (run) vs 3 (now)" in err and 'seed1/vit_tiny_vib_b1' in err, err
+    assert [(r / 'summary.json').stat().st_mtime_ns for r in runs] == stamps
     rows = sweep_status(tmp_path, plan_runs([1.0], [0, 1], ends=False))
     assert [r['state'] for r in rows] == ['finished'] * 2
     # a finished run's top-1 is the sweep table's (the mean of its sampled passes), not its last epoch's pass

@@ -97,6 +97,8 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_weights(tmp_path):
     common = ['train', '--model', 'vit_tiny_vib_b1', *TINY, *SMALL_DATA, '--epochs', '3', '--checkpoint-every', '5',
               '--stochastic-eval', '1']
     run_cli(*common, '--output', str(tmp_path / 'a'))
+    one_pass = json.loads((tmp_path / 'a' / 'summary.json').read_text())['stochastic_eval']
+    assert one_pass['k'] == 1 and one_pass['top1_std'] is None and one_pass['nats_per_image_std'] is None  # no spread
     killed = run_cli(*common, '--output', str(tmp_path / 'b'), '--kill-at-step', '13', check=False)
     assert killed.returncode == -9  # a real SIGKILL, 3 steps after the checkpoint of step 10 (mid-epoch 2)
     assert not (tmp_path / 'b' / 'summary.json').exists()
@@ -120,6 +122,8 @@ def test_bf16_autocast_on_cpu_trains_and_resumes_exactly(tmp_path):
     common = ['train', '--model', 'vit_tiny_vib_b1', *TINY, *SMALL_DATA, '--epochs', '2', '--checkpoint-every', '3',
               '--mixed-precision', 'bf16', '--cpu']
     run_cli(*common, '--output', str(tmp_path / 'a'))
+    one_pass = json.loads((tmp_path / 'a' / 'summary.json').read_text())['stochastic_eval']
+    assert one_pass['k'] == 1 and one_pass['top1_std'] is None and one_pass['nats_per_image_std'] is None  # no spread
     killed = run_cli(*common, '--output', str(tmp_path / 'b'), '--kill-at-step', '5', check=False)
     assert killed.returncode == -9
     run_cli(*common, '--output', str(tmp_path / 'b'), '--resume')
@@ -264,7 +268,11 @@ def test_sweep_trains_the_spectrum_and_skips_finished_runs(tmp_path):
     table = json.loads((tmp_path / 'sweep.json').read_text())
     assert [t['nats_per_image'] is None for t in table] == [False, False, False, True]
     assert table[0]['nats_per_image'] == 0 and table[0]['num_active_heads'] == 0
-    assert (tmp_path / 'sweep.md').read_text().count('\n') == 6
+    md = (tmp_path / 'sweep.md').read_text()
+    assert md.count('\n') == 6
+    # the ends have no beta (the report's '-'); beta 0 is a bottlenecked model's
+    assert '| seed0/vit_tiny_noattn | 0 | - |' in md and '| seed0/vit_tiny_gap | 0 | - |' in md, md
+    assert '| seed0/vit_tiny_vib_b0 | 0 | 0 |' in md, md
     # beta 2 is not a registered name: recorded as vit_tiny_vib(beta=2) so the folder reloads with it
     assert load_model(runs[2]).beta == 2.0
     stamp = (runs[1] / 'summary.json').stat().st_mtime_ns

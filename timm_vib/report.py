@@ -293,7 +293,8 @@ def fig_survival(runs: List[Run], loader, path: Path) -> str:
         if j == 0:
             ax.set_ylabel('P(KL >= x) over validation patches', fontsize=8)
         if j == 0:
-            ax.legend(fontsize=6, title='colour: block\nstyle: head 0, 1, 2', title_fontsize=6)
+            heads = ', '.join(f'{h} {styles[h % 4]}' for h in range(min(H, 4))) + (' (then again)' if H > 4 else '')
+            ax.legend(fontsize=6, title=f'colour: block\nstyle: head {heads}', title_fontsize=6)
         grid = np.zeros((D, H))
         for l, h in active:
             grid[l, h] = 1

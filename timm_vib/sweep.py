@@ -447,7 +447,7 @@ def sweep_table(root: Path) -> List[Dict[str, Any]]:
     # the last validation; top-5 and the rest from the last validation
     lines = ['| run | seed | beta | top-1 (%) | val top-5 (%) | nats / image | nats / patch | active heads |',
              '|---|---|---|---|---|---|---|---|']
-    lines += [f'| {t["run"]} | {t["seed"]} | {t["beta"]:g} | {t["top1"]:.2f}'
+    lines += [f'| {t["run"]} | {t["seed"]} | {format(t["beta"], "g") if t["attn_mode"] == "vib" else "-"} | {t["top1"]:.2f}'
               + ('' if t['top1_std'] is None else f' ± {t["top1_std"]:.2f} ({t["stochastic_k"]} passes)')
               + f' | {t["val_top5"]:.2f} | '
               f'{fmt(t["nats_per_image"], ".2f")} | {fmt(t["nats_per_patch"], ".4f")} | {fmt(t["num_active_heads"], "d")} |'
@@ -471,6 +471,13 @@ def run_sweep(args: argparse.Namespace) -> List[Path]:
     runs = [(r, _run_args(args, root, r)) for r in plan]
     for _, a in runs:  # every run's arguments checked before any is trained
         check_args(a)
+    # a finished run is reused only if it is this sweep's run: same options, as --resume and the demo require
+    from .training import run_differences
+    other = [f'{r.folder} ({"; ".join(d)})' for r, a in runs if is_finished(root / r.folder)
+             for d in [run_differences(root / r.folder, a)] if d]
+    if other:
+        raise ValueError(f'{root} holds finished runs with other settings than this sweep\'s: {", ".join(other)}. '
+                         'Pass another --output, or delete those runs')
     todo = [(r, a) for r, a in runs if not is_finished(root / r.folder)]
     if len(todo) < len(runs):
         print(f'{len(runs) - len(todo)} of {len(runs)} runs already finished')

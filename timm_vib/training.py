@@ -344,13 +344,14 @@ def evaluate(model, loader, accelerator, beta: float, kl_reduction: str = 'mean'
 
 
 def stochastic_evaluate(model, loader, accelerator, beta: float, kl_reduction: str, k: int) -> Dict[str, Any]:
-    """Mean and std (over K passes, ddof=1) of top-1 and nats per image with z sampled, as the paper reports."""
+    """Mean and std (over K passes, ddof=1; None for one pass) of top-1 and nats per image with z sampled, as the
+    paper reports."""
     runs = [evaluate(model, loader, accelerator, beta, kl_reduction, stochastic=True) for _ in range(k)]
     out = {'k': k}
     for key, name in (('val_top1', 'top1'), ('val_top5', 'top5'), ('nats_per_image', 'nats_per_image')):
         v = torch.tensor([r[key] for r in runs], dtype=torch.float64)
         out[f'{name}_mean'] = v.mean().item()
-        out[f'{name}_std'] = v.std().item() if k > 1 else 0.0
+        out[f'{name}_std'] = v.std().item() if k > 1 else None  # one pass has no spread to report
     return out
 
 
@@ -497,6 +498,7 @@ def run_differences(out: Path, args: argparse.Namespace) -> List[str]:
         old = json.loads(path.read_text())['args']
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f'{path} is corrupt ({e}): cannot tell whether it holds the same run') from None
+    from .vision_transformer_vib import beta_from_name
     defaults = vars(parse_args([]))
     new = _recorded_args(args)
     diff = []
@@ -506,6 +508,14 @@ def run_differences(out: Path, args: argparse.Namespace) -> List[str]:
         was, now = old.get(key, defaults[key]), new.get(key, defaults[key])
         if key == 'model_kwargs':
             was, now = dict(was or {}), dict(now or {})
+        # options left out resolve as the trainer resolves them: vit_tiny_vib_b1 is vit_tiny_vib_b1 --beta 1, and
+        # no --beta-warmup-epochs is 10 % of --epochs
+        if key == 'beta':
+            was = beta_from_name(old.get('model', defaults['model'])) if was is None else was
+            now = beta_from_name(new.get('model', defaults['model'])) if now is None else now
+        if key == 'beta_warmup_epochs':
+            was = 0.1 * old.get('epochs', defaults['epochs']) if was is None else was
+            now = 0.1 * new.get('epochs', defaults['epochs']) if now is None else now
         if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
             diff.append(f'--{key.replace("_", "-")} {was!r} (run) vs {now!r} (now)')
     return diff
