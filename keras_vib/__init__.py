@@ -76,7 +76,7 @@ from .models import (  # noqa: E402
     vit_tiny_vib_b10,
 )
 from .convert import from_timm, load_timm_weights, to_timm_state_dict  # noqa: E402
-from .recipe import BetaWarmup, beta_at, cosine_schedule, no_weight_decay_variables, paper_optimizer  # noqa: E402
+from .recipe import BetaWarmup, PaperAdamW, beta_at, cosine_schedule, no_weight_decay_variables, paper_optimizer  # noqa: E402
 
 __all__ = [
     'GaussianBottleneck', 'VIBMultiHeadAttention', 'TransformerBlock', 'MlpBlock', 'PatchEmbedding',
@@ -84,5 +84,5 @@ __all__ = [
     'create_model', 'MODEL_NAMES', 'PRESETS', 'from_timm', 'load_timm_weights', 'to_timm_state_dict',
     'vit_tiny_vib', 'vit_tiny_vib_b0', 'vit_tiny_vib_b0p01', 'vit_tiny_vib_b0p1', 'vit_tiny_vib_b1',
     'vit_tiny_vib_b4', 'vit_tiny_vib_b10', 'vit_tiny_noattn', 'vit_tiny_gap',
-    'paper_optimizer', 'cosine_schedule', 'no_weight_decay_variables', 'BetaWarmup', 'beta_at',
+    'paper_optimizer', 'PaperAdamW', 'cosine_schedule', 'no_weight_decay_variables', 'BetaWarmup', 'beta_at',
 ]

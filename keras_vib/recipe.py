@@ -9,13 +9,15 @@ position embedding is decayed, as in the paper); cosine decay after a linear war
 update; beta ramped up per update with timm_vib's ``beta_at`` (linear or the reference code's log ramp).
 """
 import math
+import numbers
+import re
 from typing import List, Optional
 
 import keras
 
 from .layers import GaussianBottleneck
 
-__all__ = ['no_weight_decay_variables', 'paper_optimizer', 'cosine_schedule', 'beta_at', 'BetaWarmup',
+__all__ = ['no_weight_decay_variables', 'paper_optimizer', 'PaperAdamW', 'cosine_schedule', 'beta_at', 'BetaWarmup',
            'BETA_SCHEDULES']
 
 BETA_SCHEDULES = ('linear', 'log')
@@ -30,15 +32,43 @@ def no_weight_decay_variables(model: keras.Model) -> List[keras.Variable]:
     return [v for v in model.trainable_variables if len(v.shape) <= 1 or id(v) in bottleneck]
 
 
-def paper_optimizer(model: keras.Model, learning_rate=6e-4, weight_decay: float = 0.05,
-                    **kwargs) -> keras.optimizers.AdamW:
-    """AdamW (lr 6e-4, weight decay 0.05 by default) without decay on :func:`no_weight_decay_variables`.
+@keras.saving.register_keras_serializable(package='keras_vib')
+class PaperAdamW(keras.optimizers.AdamW):
+    """``keras.optimizers.AdamW`` whose exclusions from weight decay are part of its config: Keras saves
+    neither a ``var_list`` nor ``var_names`` given to ``exclude_from_weight_decay``, so a plain AdamW reloaded
+    from a ``.keras`` file decays every variable. ``no_decay_names``: exact variable names (``variable.name``)
+    left undecayed."""
+
+    def __init__(self, *args, no_decay_names=(), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.no_decay_names = sorted(set(no_decay_names))
+        if self.no_decay_names:
+            # the last part of the name: TensorFlow hands the optimizer its own variables, named by their path
+            # ('vit_tiny_vib/blocks_0/norm1/gamma:0')
+            self.exclude_from_weight_decay(
+                var_names=[f'(?:^|/){re.escape(n)}(?::\\d+)?$' for n in self.no_decay_names])
+
+    def get_config(self):
+        return {**super().get_config(), 'no_decay_names': list(self.no_decay_names)}
+
+
+def paper_optimizer(model: keras.Model, learning_rate=6e-4, weight_decay: float = 0.05, epsilon: float = 1e-8,
+                    **kwargs) -> PaperAdamW:
+    """AdamW (lr 6e-4, weight decay 0.05, epsilon 1e-8 as torch's, by default) without decay on
+    :func:`no_weight_decay_variables`, which stays so through ``model.save`` and ``keras.saving.load_model``.
 
     learning_rate: a float or a schedule (:func:`cosine_schedule`); kwargs go to ``keras.optimizers.AdamW``.
+    Keras adds epsilon to the square root of the uncorrected second moment, torch to that of the
+    bias-corrected one: the same value gives the same steps once the second moment's correction is near 1.
     """
-    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
-    optimizer.exclude_from_weight_decay(var_list=no_weight_decay_variables(model))
-    return optimizer
+    excluded = {id(v) for v in no_weight_decay_variables(model)}
+    names = {v.name for v in model.trainable_variables if id(v) in excluded}
+    shared = sorted(v.name for v in model.trainable_variables if id(v) not in excluded and v.name in names)
+    if shared:  # the exclusions are kept by name: a name may not stand for decayed and undecayed weights
+        raise ValueError(f'variables named {", ".join(sorted(set(shared)))} are both decayed and not: '
+                         'paper_optimizer cannot record the exclusions by name')
+    return PaperAdamW(learning_rate=learning_rate, weight_decay=weight_decay, epsilon=epsilon,
+                      no_decay_names=names, **kwargs)
 
 
 def cosine_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
@@ -76,9 +106,14 @@ def beta_at(beta: float, update: int, warmup_updates: int, schedule: str = 'line
 
 
 class BetaWarmup(keras.callbacks.Callback):
-    """Ramps the model's beta up over the first ``warmup_steps`` updates of ``fit`` (per update, as the
-    timm_vib trainer), then holds it. The model's loss reads beta from a variable, so compiled steps
-    (JAX, TensorFlow) follow without recompiling.
+    """Ramps the model's beta in force up over the first ``warmup_steps`` optimizer updates (per update, as
+    the timm_vib trainer), then holds it. The model's loss reads beta from a variable
+    (``model.beta_variable``), so compiled steps (JAX, TensorFlow) follow without recompiling; ``model.beta``,
+    which its config saves, stays the target.
+
+    The position in the ramp is the optimizer's update count: a model saved mid-ramp and reloaded with its
+    optimizer goes on where it was, and gradient accumulation counts updates, not batches. With
+    ``steps_per_execution`` k > 1 beta changes once per k updates (what one compiled call runs).
 
     Args:
         warmup_steps: updates of the ramp (e.g. 10% of the epochs times the steps per epoch).
@@ -90,26 +125,32 @@ class BetaWarmup(keras.callbacks.Callback):
         super().__init__()
         if schedule not in BETA_SCHEDULES:
             raise ValueError(f'beta schedule must be one of {BETA_SCHEDULES}, got {schedule!r}')
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
             raise ValueError(f'warmup_steps must be an integer >= 0, got {warmup_steps!r}')
-        self.warmup_steps, self.target, self.schedule = warmup_steps, beta, schedule
-        self.step = 0  # updates done, across fit calls
-        self._epoch_start = 0
+        if beta is not None:
+            beta_at(beta, 0, 0)  # the same check as the trainer's: finite and >= 0
+        self.warmup_steps, self.target, self.schedule = int(warmup_steps), beta, schedule
+        self.step = 0  # the update the current batch makes (0-based, across fit calls)
+        self._epoch_start, self._accumulate = 0, 1
 
     def on_train_begin(self, logs=None) -> None:
         if getattr(self.model, 'attn_mode', None) != 'vib':
             raise ValueError('BetaWarmup needs a keras_vib model with bottlenecks (attn_mode="vib")')
         if self.target is None:
             self.target = self.model.beta
-        self._in_force = self.model.beta
+        self._in_force = None
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        optimizer = self.model.optimizer  # on JAX, reading self.model syncs fit's state, the update count included
+        self._epoch_start = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        self._accumulate = int(getattr(optimizer, 'gradient_accumulation_steps', None) or 1)
 
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
-        self.step = self._epoch_start + batch  # batch counts updates also with steps_per_execution > 1
+        # batch counts the epoch's batches (by steps_per_execution with k > 1); iterations counts updates
+        self.step = self._epoch_start + batch // self._accumulate
         value = beta_at(self.target, self.step, self.warmup_steps, self.schedule)
         if value != self._in_force:
             # on JAX, reading self.model hands fit's state back to the model (Keras's Callback.model does
             # that sync), so the next step reads the new value; after the ramp the model is not touched
-            self.model.beta = self._in_force = value
-
-    def on_epoch_end(self, epoch: int, logs=None) -> None:
-        self._epoch_start = self.step + 1
+            self.model.beta_variable.assign(value)
+            self._in_force = value

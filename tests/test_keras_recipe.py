@@ -49,6 +49,25 @@ def test_paper_optimizer_decays_only_the_others():
         np.testing.assert_allclose(ops.convert_to_numpy(v), expected, rtol=1e-6, atol=1e-8, err_msg=v.path)
 
 
+def test_paper_optimizer_keeps_its_exclusions_through_save_and_load(tmp_path):
+    """Keras saves no exclusion of AdamW's (a plain AdamW reloads decaying everything): the same zero-gradient
+    step on the reloaded model and optimizer decays exactly the same weights."""
+    m = vit_tiny_vib(**SMALL)
+    m.compile(paper_optimizer(m, learning_rate=0.1, weight_decay=0.5),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert m.optimizer.epsilon == 1e-8  # torch's AdamW's, as the timm trainer's
+    m.save(tmp_path / 'm.keras')
+    loaded = keras.saving.load_model(tmp_path / 'm.keras')
+    assert type(loaded.optimizer).__name__ == 'PaperAdamW'
+    excluded = {id(v) for v in no_weight_decay_variables(loaded)}
+    before = [ops.convert_to_numpy(v) for v in loaded.trainable_variables]
+    lr = float(ops.convert_to_numpy(loaded.optimizer.learning_rate))
+    loaded.optimizer.apply([ops.zeros(v.shape) for v in loaded.trainable_variables], loaded.trainable_variables)
+    for v, b in zip(loaded.trainable_variables, before):
+        expected = b if id(v) in excluded else b * (1 - lr * 0.5)
+        np.testing.assert_allclose(ops.convert_to_numpy(v), expected, rtol=1e-5, atol=1e-7, err_msg=v.path)
+
+
 def test_cosine_schedule_closed_form():
     peak, low, total, warm = 6e-4, 1e-6, 110, 10
     s = cosine_schedule(peak, total, warm, low)
@@ -103,3 +122,49 @@ def test_beta_warmup_is_in_force_in_each_compiled_step(schedule):
         g = keras_vib.vit_tiny_gap(**SMALL)
         g.compile('sgd', keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         g.fit(x, np.zeros(8, 'int32'), verbose=0, callbacks=[BetaWarmup(2)])
+
+
+def _ramp_model():
+    keras.utils.set_random_seed(0)
+    m = vit_tiny_vib(beta=2.0, seed=0, **{**SMALL, 'depth': 1})
+    for b in (m.blocks[0].attn.vib.enc_bias, m.blocks[0].attn.vib.enc_out_bias):  # a KL well above zero
+        b.assign(np.random.default_rng(0).normal(0, 1.0, b.shape).astype('float32'))
+    x = np.random.default_rng(1).normal(size=(8, 16, 16, 3)).astype('float32')
+    kl = [float(keras_vib.kl_and_latents(m, x[i:i + 4])['kl'].mean()) for i in (0, 4)]  # per batch of 4
+    return m, x, kl
+
+
+def test_beta_warmup_goes_on_from_a_model_saved_mid_ramp(tmp_path):
+    """The ramp's position is the optimizer's update count, and model.beta (what the config saves) stays the
+    target: a model saved after 2 of 6 ramp updates and reloaded goes on at update 2, towards beta 2."""
+    m, x, kl = _ramp_model()
+    m.compile(keras.optimizers.SGD(0.0))
+    m.fit(x, epochs=1, batch_size=4, shuffle=False, verbose=0, callbacks=[BetaWarmup(warmup_steps=6)])
+    assert m.beta == 2.0 and float(ops.convert_to_numpy(m.beta_variable)) == pytest.approx(beta_at(2.0, 1, 6))
+    m.save(tmp_path / 'mid.keras')
+    loaded = keras.saving.load_model(tmp_path / 'mid.keras')
+    assert loaded.beta == 2.0
+    warm = BetaWarmup(warmup_steps=6)
+    hist = loaded.fit(x, epochs=2, batch_size=4, shuffle=False, verbose=0, callbacks=[warm])
+    expected = [np.mean([beta_at(2.0, 2 * e + j, 6) * kl[j] for j in (0, 1)]) for e in (1, 2)]
+    np.testing.assert_allclose(hist.history['loss'], expected, rtol=1e-4)
+    assert warm.step == 5
+
+
+def test_beta_warmup_counts_updates_with_steps_per_execution():
+    """Two updates per compiled call: beta moves once per call and does not fall behind the update count."""
+    if keras.backend.backend() == 'torch':
+        pytest.skip('Keras runs steps_per_execution > 1 on JAX and TensorFlow only')
+    m, x, kl = _ramp_model()
+    m.compile(keras.optimizers.SGD(0.0), steps_per_execution=2)
+    warm = BetaWarmup(warmup_steps=4)
+    hist = m.fit(x, epochs=3, batch_size=4, shuffle=False, verbose=0, callbacks=[warm])
+    expected = [np.mean([beta_at(2.0, 2 * e, 4) * kl[j] for j in (0, 1)]) for e in range(3)]
+    np.testing.assert_allclose(hist.history['loss'], expected, rtol=1e-4)
+    assert warm.step == 4 and int(ops.convert_to_numpy(m.optimizer.iterations)) == 6
+
+
+def test_beta_warmup_checks_its_beta_at_once():
+    with pytest.raises(ValueError, match='>= 0'):
+        BetaWarmup(4, beta=-1.0)
+    assert BetaWarmup(np.int64(4)).warmup_steps == 4
