@@ -206,6 +206,12 @@ def _resolve(source) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], str]:
         return _from_module(source)
     if isinstance(source, Mapping):
         sd = source.get('state_dict', source.get('model', source)) if 'pos_embed' not in source else source
+        for prefix in ('module.', '_orig_mod.'):  # DistributedDataParallel's, torch.compile's
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+        if any(k.startswith('vit.') for k in sd) and any('.attn.ib.' in k for k in sd):
+            raise ValueError('this state dict is in the layout of the paper\'s reference code (murphyka/vit_ib): '
+                             'convert it first with timm_vib.convert_reference_state_dict')
         return {k: _to_numpy(v) for k, v in sd.items()}, {}, 'the state dict'
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f'from_timm takes a timm_vib model, a state dict, a .safetensors file, a model folder or '
@@ -258,6 +264,13 @@ def _from_module(m) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], str]:
     attn = getattr(blk, 'attn', None)
     if attn is not None and not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.norm, nn.Identity)):
         problems.append('qk_norm / scale_norm')
+    act = getattr(blk.mlp, 'act', None)
+    if not (type(act) is nn.GELU and act.approximate == 'none'):
+        problems.append(f'MLP activation {act!r} (keras_vib has the exact GELU)')
+    if not isinstance(getattr(blk.mlp, 'norm', nn.Identity()), nn.Identity) or not hasattr(blk.mlp, 'fc2'):
+        problems.append(f'another MLP ({type(blk.mlp).__name__} with a norm or gates)')
+    if not isinstance(m.norm, nn.LayerNorm) or not isinstance(blk.norm2, nn.LayerNorm):
+        problems.append('no final LayerNorm (final_norm=False) or another norm layer')
     if problems:
         raise ValueError(f'this timm model has {", ".join(problems)}, which keras_vib does not implement')
     num_heads = attn.num_heads if attn is not None else getattr(blk, 'num_heads', 3)
@@ -331,6 +344,16 @@ def from_timm(source, *, model: Optional[VisionTransformerVIB] = None, **kwargs:
     """
     sd, extra, where = _resolve(source)
     if model is not None:
+        # the head count and the grid's orientation leave the weights' shapes alone: compare what the source states
+        stated = {k: extra[k] for k in ('num_heads', 'image_size') if k in extra}
+        stated.update({k: kwargs[k] for k in ('num_heads', 'image_size') if k in kwargs})
+        if 'image_size' in stated:
+            size = stated['image_size']
+            stated['image_size'] = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        mine = {'num_heads': model.num_heads, 'image_size': tuple(model.image_size)}
+        diffs = [f'{k}: {where} {v} vs model {mine[k]}' for k, v in stated.items() if v != mine[k]]
+        if diffs:
+            raise ValueError(f'{where} does not fit the Keras model: ' + '; '.join(diffs))
         return load_timm_weights(model, sd, where)
     cfg = timm_config_from_state_dict(sd)
     n = cfg.pop('_num_patches')
@@ -346,6 +369,9 @@ def from_timm(source, *, model: Optional[VisionTransformerVIB] = None, **kwargs:
                            'patches fit several grids)')
         if cfg['attn_mode'] == 'plain' and cfg.get('num_heads') is None:
             missing.append('num_heads (attention without a bottleneck has the same weight shapes for any head count)')
+        if cfg['attn_mode'] == 'none' and cfg.get('num_heads') is None:
+            missing.append('num_heads (a model without attention has no weights that show it; its KL has a '
+                           'heads axis)')
         if missing:
             raise ValueError(f'{where} has no {CONFIG_NAME} and its weights do not determine the architecture: pass '
                              + ' and '.join(missing) + f', or load the model folder with its {CONFIG_NAME}')

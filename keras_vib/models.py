@@ -94,6 +94,10 @@ class VisionTransformerVIB(keras.Model):
         vib_dim = int(vib_dim)  # numpy integers too; get_config holds a plain int
         if isinstance(vib_hidden, numbers.Integral) and not isinstance(vib_hidden, bool):
             vib_hidden = int(vib_hidden)
+        for what, value, low in (('depth', depth, 1), ('num_heads', num_heads, 1), ('embed_dim', embed_dim, 1),
+                                 ('in_chans', in_chans, 1), ('num_classes', num_classes, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f'{what} must be an integer >= {low}, got {value!r}')
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
         self.image_size = _as_pair(image_size, 'image_size')
@@ -265,18 +269,27 @@ def kl_and_latents(
     return {k: None if parts[0][k] is None else np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def information_loss(kl, reduction: Literal['mean', 'sum'] = 'mean'):
+SQRT_EPS = 1e-8  # the reference code's SAFETY_EPSILON, as timm_vib's
+
+
+def information_loss(kl, reduction: Literal['mean', 'sum', 'sqrt'] = 'mean'):
     """The information term of the loss from kl [batch, depth, heads, tokens] (nats), as timm_vib:
     ``'mean'`` over every axis (the convention of the published betas, what ``fit`` uses),
-    ``'sum'`` over depth x heads x tokens, mean over the batch (eq. 3 of the paper, nats per image)."""
+    ``'sum'`` over depth x heads x tokens, mean over the batch (eq. 3 of the paper, nats per image),
+    ``'sqrt'`` the reference code's ``--sqrt-kl``: the square root of each head's mean KL over tokens, then
+    the mean over layers, heads and batch (sqrt-nats)."""
     kl = ops.cast(ops.convert_to_tensor(kl), 'float32')
     if len(kl.shape) != 4:
         raise ValueError(f'kl must be [batch, depth, heads, tokens], got shape {tuple(kl.shape)}')
+    if kl.shape[0] == 0:
+        raise ValueError('kl holds a batch of 0 images: the mean information over it is undefined')
     if reduction == 'mean':
         return ops.mean(kl)
     if reduction == 'sum':
         return ops.mean(ops.sum(kl, axis=(1, 2, 3)))
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction == 'sqrt':
+        return ops.mean(ops.sqrt(ops.maximum(ops.mean(kl, axis=3), 0.0) + SQRT_EPS))
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'sqrt', got {reduction!r}")
 
 
 # --- builders mirroring the timm names ----------------------------------------------------------

@@ -217,7 +217,17 @@ def test_checkpoints_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match='vib_dim: checkpoint 16 vs model 8'):
         from_timm(timm_model('vit_tiny_vib', vib_dim=16), model=km)
     with pytest.raises(ValueError, match='tokens: checkpoint 4 vs model 16'):
+        from_timm(timm_model('vit_tiny_vib', vib_dim=8, img_size=16).state_dict(), model=km)
+    # what the source states beyond the shapes: the grid (and its orientation), the head count
+    with pytest.raises(ValueError, match=r'image_size: VisionTransformerVIB \(16, 16\) vs model \(32, 32\)'):
         from_timm(timm_model('vit_tiny_vib', vib_dim=8, img_size=16), model=km)
+    with pytest.raises(ValueError, match=r'image_size: VisionTransformerVIB \(48, 32\) vs model \(32, 48\)'):
+        from_timm(timm_model('vit_tiny_vib', vib_dim=8, img_size=(48, 32)),
+                  model=vit_tiny_vib(image_size=(32, 48), patch_size=8, depth=2, num_classes=5, vib_dim=8))
+    with pytest.raises(ValueError, match='num_heads: VisionTransformerVIB 2 vs model 4'):
+        from_timm(timm_model('vit_tiny_gap', embed_dim=64, num_heads=2),
+                  model=keras_vib.vit_tiny_gap(image_size=32, patch_size=8, depth=2, num_classes=5, embed_dim=64,
+                                               num_heads=4))
     with pytest.raises(ValueError, match='num_classes: checkpoint 7 vs model 5'):
         from_timm(timm_model('vit_tiny_vib', vib_dim=8, num_classes=7), model=km)
     with pytest.raises(ValueError, match='attention without bottleneck.*different architectures'):
@@ -233,6 +243,23 @@ def test_checkpoints_that_do_not_fit(tmp_path):
         from_timm(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match='qk_norm'):
         from_timm(timm_model('vit_tiny_vib', qk_norm=True))
+    with pytest.raises(ValueError, match='MLP activation ReLU'):
+        from_timm(timm_model('vit_tiny_vib', act_layer='relu'))
+    with pytest.raises(ValueError, match='final_norm=False'):
+        from_timm(timm_model('vit_tiny_vib', final_norm=False))
+    # a model without attention: its weights do not show the head count its KL has
+    with pytest.raises(ValueError, match='num_heads'):
+        from_timm(timm_model('vit_tiny_noattn', embed_dim=48, num_heads=4).state_dict(), image_size=32)
+    assert from_timm(timm_model('vit_tiny_noattn', embed_dim=48, num_heads=4).state_dict(), image_size=32,
+                     num_heads=4).num_heads == 4
+    # wrapped state dicts (DistributedDataParallel, torch.compile) load; the reference code's layout is named
+    for prefix in ('module.', '_orig_mod.'):
+        wrapped = {prefix + k: v for k, v in vib.state_dict().items()}
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(from_timm(wrapped, image_size=32).blocks[0].attn.vib.enc_weight),
+            ops.convert_to_numpy(from_timm(vib.state_dict(), image_size=32).blocks[0].attn.vib.enc_weight))
+    with pytest.raises(ValueError, match='convert_reference_state_dict'):
+        from_timm({'vit.pos_embed': np.zeros((1, 17, 4)), 'vit.blocks.0.attn.ib.enc_list.0.weight': np.zeros((2, 2))})
     save_file(vib.state_dict(), str(tmp_path / 'model.safetensors'))
     (tmp_path / 'config.json').write_text(json.dumps({'architecture': 'vit_small_patch16_224', 'model_args': {}}))
     with pytest.raises(ValueError, match='not a timm_vib model'):

@@ -71,6 +71,17 @@ def test_fit_loss_is_ce_plus_beta_times_mean_kl():
     assert float(keras_vib.information_loss(out['kl'])) == pytest.approx(out['kl'].mean(), rel=1e-5)
     assert float(keras_vib.information_loss(out['kl'], 'sum')) == pytest.approx(
         out['kl'].sum((1, 2, 3)).mean(), rel=1e-5)
+    # the reference code's --sqrt-kl: sqrt of each head's mean over tokens (+1e-8), mean over the rest
+    assert float(keras_vib.information_loss(out['kl'], 'sqrt')) == pytest.approx(
+        np.sqrt(np.maximum(out['kl'].mean(3), 0) + 1e-8).mean(), rel=1e-5)
+    with pytest.raises(ValueError, match='batch of 0 images'):
+        keras_vib.information_loss(np.zeros((0, 2, 2, 4), 'float32'))
+    with pytest.raises(ValueError, match="'mean', 'sum' or 'sqrt'"):
+        keras_vib.information_loss(out['kl'], 'max')
+    for bad, match in ((dict(depth=0), 'depth must be an integer >= 1'),
+                       (dict(num_heads=0), 'num_heads must be an integer >= 1')):
+        with pytest.raises(ValueError, match=match):
+            vit_tiny_vib(**{**SMALL, **bad})
 
 
 def test_training_samples_inference_uses_mu():
