@@ -21,8 +21,18 @@ _register = keras.saving.register_keras_serializable(package='keras_vib')
 
 
 def _dense_init():
-    # timm's ViT init for Linear layers: truncated normal, std 0.02, zero bias
-    return keras.initializers.TruncatedNormal(stddev=0.02)
+    # timm's ViT init for Linear layers, trunc_normal_(std=.02) with zero bias: its cut is at +-2 in absolute
+    # terms, 100 standard deviations, so a plain normal (Keras's TruncatedNormal cuts at 2 standard deviations:
+    # std 0.0176)
+    return keras.initializers.RandomNormal(stddev=0.02)
+
+
+def _conv_inits(fan_in: int):
+    """torch's nn.Conv2d default, which timm leaves on the patch embedding: kaiming_uniform_(a=sqrt(5)) for the
+    kernel and U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias, i.e. both uniform within 1/sqrt(fan_in)."""
+    bound = fan_in ** -0.5
+    return dict(kernel_initializer=keras.initializers.VarianceScaling(1 / 3, 'fan_in', 'uniform'),
+                bias_initializer=keras.initializers.RandomUniform(-bound, bound))
 
 
 def gaussian_kl(mu, logvar):
@@ -517,12 +527,12 @@ class PatchEmbedding(keras.layers.Layer):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = keras.layers.Conv2D(
             embed_dim, self.patch_size, strides=self.patch_size, padding='valid', data_format='channels_last',
-            dtype=self.dtype_policy, name='proj')
+            dtype=self.dtype_policy, name='proj', **_conv_inits(self.in_chans * self.patch_size[0] * self.patch_size[1]))
 
     def build(self, input_shape) -> None:
         check_images(input_shape, self.image_size, self.in_chans, self.name)
         self.proj.build((None,) + self.image_size + (self.in_chans,))
-        init = keras.initializers.TruncatedNormal(stddev=0.02)
+        init = _dense_init()  # timm's trunc_normal_(std=.02)
         if self.pos_embed_init == 'sincos':
             table = sincos_2d(self.grid_size, self.embed_dim)[None]
             init = lambda shape, dtype=None: ops.convert_to_tensor(table, dtype=dtype)  # noqa: E731

@@ -300,3 +300,28 @@ def test_committed_timm_fixture_is_timms_answer():
     assert_close(logits.numpy(), ref['logits'], 'fixture logits')
     assert_close(kl.numpy(), ref['kl'], 'fixture kl')
     assert np.abs(ref['kl']).max() > 1e-2  # not a trivial KL
+
+
+def test_initial_weights_are_distributed_as_timms():
+    """Trained from scratch, a Keras model starts from timm's init: Linear weights N(0, 0.02) (timm's truncation
+    at +-2 is no truncation), zero biases, the patch embedding torch's Conv2d default, uniform within
+    1/sqrt(fan_in) for kernel and bias, the position embedding N(0, 0.02)."""
+    from keras_vib.convert import _weight_table
+    kw = dict(img_size=32, patch_size=8, depth=2, num_classes=100, embed_dim=192, num_heads=3)
+    tm = timm.create_model('vit_tiny_vib', **kw)
+    km = vit_tiny_vib(image_size=32, patch_size=8, depth=2, num_classes=100, embed_dim=192, num_heads=3, seed=0)
+    theirs = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    for name, var, _ in _weight_table(km):
+        if '.vib.' in name or name.startswith('norm') or '.norm' in name:
+            continue  # the bottleneck's init has its own tests; LayerNorms are ones and zeros in both
+        ours, ref = ops.convert_to_numpy(var), theirs[name]
+        assert ours.size == ref.size, name
+        if ref.std() == 0:
+            assert np.all(ours == ref.flat[0]), name
+            continue
+        # standard deviations within 10 %, and the same support (the uniform bound of the patch embedding)
+        assert ours.std() == pytest.approx(ref.std(), rel=0.1), (name, ours.std(), ref.std())
+        assert np.abs(ours).max() <= max(np.abs(ref).max() * 1.1, 4 * ref.std() * 1.5), name
+    fan_in = 3 * 8 * 8
+    proj = ops.convert_to_numpy(km.patch_embed.proj.kernel)
+    assert np.abs(proj).max() <= fan_in ** -0.5 and proj.std() == pytest.approx(fan_in ** -0.5 / np.sqrt(3), rel=0.05)
