@@ -258,10 +258,20 @@ def kl_and_latents(
     """
     if not isinstance(model, VisionTransformerVIB):
         raise TypeError(f'kl_and_latents takes a keras_vib VisionTransformerVIB, got {type(model).__name__}')
+    if isinstance(images, (list, tuple)):
+        images = np.asarray(images)
+    if not hasattr(images, 'shape') or len(images.shape) != 4:
+        raise ValueError(f'images must be a [batch, height, width, channels] array, got '
+                         f'{getattr(images, "shape", type(images).__name__)}')
+    if int(images.shape[0]) == 0:
+        raise ValueError('images holds 0 images: there is nothing to measure')
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
+        raise ValueError(f'batch_size must be an integer >= 1 (or None: all at once), got {batch_size!r}')
     if not as_numpy:
         return model.kl_and_latents(images, training=training)
     n = int(images.shape[0])
-    step = batch_size or max(n, 1)
+    step = batch_size or n
     parts = []
     for i in range(0, n, step):
         out = model.kl_and_latents(images[i:i + step], training=training)

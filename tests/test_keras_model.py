@@ -78,6 +78,12 @@ def test_fit_loss_is_ce_plus_beta_times_mean_kl():
         keras_vib.information_loss(np.zeros((0, 2, 2, 4), 'float32'))
     with pytest.raises(ValueError, match="'mean', 'sum' or 'sqrt'"):
         keras_vib.information_loss(out['kl'], 'max')
+    with pytest.raises(ValueError, match='0 images'):
+        keras_vib.kl_and_latents(m, np.zeros((0, 16, 16, 3), 'float32'))
+    with pytest.raises(ValueError, match='batch_size must be an integer >= 1'):
+        keras_vib.kl_and_latents(m, np.zeros((2, 16, 16, 3), 'float32'), batch_size=-1)
+    as_list = keras_vib.kl_and_latents(m, np.asarray(x).tolist())  # a nested list is an array too
+    np.testing.assert_allclose(as_list['kl'], keras_vib.kl_and_latents(m, np.asarray(x))['kl'], rtol=1e-6)
     for bad, match in ((dict(depth=0), 'depth must be an integer >= 1'),
                        (dict(num_heads=0), 'num_heads must be an integer >= 1')):
         with pytest.raises(ValueError, match=match):
