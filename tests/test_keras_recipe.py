@@ -96,17 +96,23 @@ def test_beta_at_is_timm_vibs():
         BetaWarmup(5, schedule='cosine')
 
 
-@pytest.mark.parametrize('schedule', ['linear', 'log'])
-def test_beta_warmup_is_in_force_in_each_compiled_step(schedule):
-    """With lr 0 and one fixed batch, each step's loss is beta(step) x the first layer's mean KL (a
-    one-layer model's KL does not depend on the sampled z): the compiled step (JAX, TensorFlow) must
-    read the new beta every update."""
+def _ramp_model():
+    """A one-layer model with a KL well above zero, 8 images, and each batch of 4's mean KL."""
     keras.utils.set_random_seed(0)
     m = vit_tiny_vib(beta=2.0, seed=0, **{**SMALL, 'depth': 1})
     for b in (m.blocks[0].attn.vib.enc_bias, m.blocks[0].attn.vib.enc_out_bias):  # a KL well above zero
         b.assign(np.random.default_rng(0).normal(0, 1.0, b.shape).astype('float32'))
     x = np.random.default_rng(1).normal(size=(8, 16, 16, 3)).astype('float32')
     kl = [float(keras_vib.kl_and_latents(m, x[i:i + 4])['kl'].mean()) for i in (0, 4)]  # per batch of 4
+    return m, x, kl
+
+
+@pytest.mark.parametrize('schedule', ['linear', 'log'])
+def test_beta_warmup_is_in_force_in_each_compiled_step(schedule):
+    """With lr 0 and one fixed batch, each step's loss is beta(step) x the first layer's mean KL (a
+    one-layer model's KL does not depend on the sampled z): the compiled step (JAX, TensorFlow) must
+    read the new beta every update."""
+    m, x, kl = _ramp_model()
     assert min(kl) > 0.1
     m.compile(keras.optimizers.SGD(0.0))  # no loss but the model's own: beta * mean KL
     warm = BetaWarmup(warmup_steps=4, schedule=schedule)
@@ -122,16 +128,6 @@ def test_beta_warmup_is_in_force_in_each_compiled_step(schedule):
         g = keras_vib.vit_tiny_gap(**SMALL)
         g.compile('sgd', keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         g.fit(x, np.zeros(8, 'int32'), verbose=0, callbacks=[BetaWarmup(2)])
-
-
-def _ramp_model():
-    keras.utils.set_random_seed(0)
-    m = vit_tiny_vib(beta=2.0, seed=0, **{**SMALL, 'depth': 1})
-    for b in (m.blocks[0].attn.vib.enc_bias, m.blocks[0].attn.vib.enc_out_bias):  # a KL well above zero
-        b.assign(np.random.default_rng(0).normal(0, 1.0, b.shape).astype('float32'))
-    x = np.random.default_rng(1).normal(size=(8, 16, 16, 3)).astype('float32')
-    kl = [float(keras_vib.kl_and_latents(m, x[i:i + 4])['kl'].mean()) for i in (0, 4)]  # per batch of 4
-    return m, x, kl
 
 
 def test_beta_warmup_goes_on_from_a_model_saved_mid_ramp(tmp_path):
