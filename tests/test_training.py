@@ -122,8 +122,6 @@ def test_bf16_autocast_on_cpu_trains_and_resumes_exactly(tmp_path):
     common = ['train', '--model', 'vit_tiny_vib_b1', *TINY, *SMALL_DATA, '--epochs', '2', '--checkpoint-every', '3',
               '--mixed-precision', 'bf16', '--cpu']
     run_cli(*common, '--output', str(tmp_path / 'a'))
-    one_pass = json.loads((tmp_path / 'a' / 'summary.json').read_text())['stochastic_eval']
-    assert one_pass['k'] == 1 and one_pass['top1_std'] is None and one_pass['nats_per_image_std'] is None  # no spread
     killed = run_cli(*common, '--output', str(tmp_path / 'b'), '--kill-at-step', '5', check=False)
     assert killed.returncode == -9
     run_cli(*common, '--output', str(tmp_path / 'b'), '--resume')
