@@ -43,6 +43,11 @@ def test_kl_map_and_totals():
     assert kl_map(kl, (2, 3), 1, reduce=False).shape == (2, 3, 4, 2, 3)
     torch.testing.assert_close(information_per_image(kl), kl.sum((1, 2, 3)))
     torch.testing.assert_close(information_per_patch(kl), kl.sum((1, 2)))
+    # a class token is not a patch: left out when its count is given, as mean_information leaves it out
+    torch.testing.assert_close(information_per_image(kl, 1), kl[..., 1:].sum((1, 2, 3)))
+    torch.testing.assert_close(information_per_patch(kl, 1), kl[..., 1:].sum((1, 2)))
+    with pytest.raises(ValueError, match='num_prefix_tokens'):
+        information_per_image(kl, 7)
     with pytest.raises(ValueError, match='tokens'):
         kl_map(kl, (3, 3), 1)
     square = torch.rand(2, 3, 4, 9)
@@ -143,3 +148,24 @@ def test_bad_thresholds_and_loaders():
         with pytest.raises(TypeError, match=r'got one image \[3, 32, 32\]: pass a DataLoader'):
             max_kl(m, not_a_loader)
     torch.testing.assert_close(max_kl(m, [x]), max_kl(m, loader))
+
+
+def test_information_per_image_agrees_with_mean_information_on_a_class_token_model():
+    """A vibify'd timm ViT has a class token: per-image information over the patch tokens is what
+    mean_information reports (it had counted the class token's KL too: 1021 against 961 nats)."""
+    import timm
+    from timm_vib import vibify
+    from timm_vib.estimators import mean_information
+    from timm_vib.estimators.capture import num_prefix_tokens
+    torch.manual_seed(0)
+    m = vibify(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=4), vib_dim=8)
+    with torch.no_grad():
+        for b in m.bottlenecks():
+            b.stats_bias.normal_(0, 1.0)
+    x = torch.randn(3, 3, 32, 32)
+    per_image, _ = mean_information(m, [x])
+    with torch.no_grad(), capture(m) as rec:
+        m.eval()(x)
+    assert num_prefix_tokens(m) == 1
+    assert float(information_per_image(rec.kl, num_prefix_tokens(m)).mean()) == pytest.approx(per_image, rel=1e-5)
+    assert float(information_per_image(rec.kl).mean()) > per_image * 1.01  # the class token carries KL too

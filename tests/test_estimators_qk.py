@@ -177,3 +177,23 @@ def test_folded_maps_project_the_tokens_before_the_gain():
     xv = xhat.double() @ folded.v[1, 0].double()
     modes = (xu * folded.singular_values[1, 0].double()) @ xv.transpose(-1, -2)
     torch.testing.assert_close(modes, logits, rtol=1e-3, atol=1e-3)
+
+
+def test_optimal_attention_images_ignore_images_whose_maps_never_reach_the_sign():
+    """A '+' image must have tokens projecting positively on both the query and the key vector: an image whose
+    maps are negative everywhere scored high before (a product of two negative maxima)."""
+    torch.manual_seed(0)
+    m = small('vit_tiny_vib').eval()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.2, 3, 6)[:, None, None, None]
+    svd = qk_svd(m)
+    with torch.no_grad(), capture(m, inputs=True) as rec:
+        m(x)
+    d = rec.inputs[:, 1].mean((0, 1))
+    svd.u[1, 0, :, 0] = svd.v[1, 0, :, 0] = -d / d.norm()  # a mode most tokens project negatively on
+    qm, km = qk_maps(m, x, 1, 0, 0, svd=svd)
+    top_q, top_k = qm.flatten(1).amax(1), km.flatten(1).amax(1)
+    expected = (top_q.clamp_min(0) * top_k.clamp_min(0)).topk(3)
+    assert (top_q < 0).any()  # the case: some image never reaches '+'
+    best = optimal_attention_images(m, [x], 1, 0, 0, k=3, svd=svd)
+    torch.testing.assert_close(best['+'][0], expected.values)
+    assert all(top_q[i] > 0 and top_k[i] > 0 for i in best['+'][1][best['+'][0] > 0].tolist())

@@ -62,16 +62,28 @@ def _check_kl(kl: torch.Tensor) -> None:
                          'pass the KL of model(x, return_kl=True), not log-probabilities or a difference')
 
 
-def information_per_image(kl: torch.Tensor) -> torch.Tensor:
-    """Total information written by attention per image: KL summed over layers, heads, tokens. [B] nats."""
+def information_per_image(kl: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Total information written by attention per image: KL summed over layers, heads and patch tokens. [B] nats.
+
+    ``num_prefix_tokens``: class / register tokens at the front of the token axis, left out as
+    :func:`mean_information` leaves them out (``capture.num_prefix_tokens(model)``; 0 for ``vit_tiny_vib*``)."""
     _check_kl(kl)
-    return kl.float().sum((1, 2, 3))
+    return kl.float()[..., _prefix(kl, num_prefix_tokens):].sum((1, 2, 3))
 
 
-def information_per_patch(kl: torch.Tensor) -> torch.Tensor:
-    """Information written into each token, summed over layers and heads: [B, tokens] nats."""
+def information_per_patch(kl: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Information written into each patch token, summed over layers and heads: [B, patches] nats (prefix
+    tokens left out, as in :func:`information_per_image`)."""
     _check_kl(kl)
-    return kl.float().sum((1, 2))
+    return kl.float()[..., _prefix(kl, num_prefix_tokens):].sum((1, 2))
+
+
+def _prefix(kl: torch.Tensor, num_prefix_tokens: int) -> int:
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral) \
+            or not 0 <= num_prefix_tokens < kl.shape[-1]:
+        raise ValueError(f'num_prefix_tokens must be an integer in 0..{kl.shape[-1] - 1} (kl has {kl.shape[-1]} '
+                         f'tokens), got {num_prefix_tokens!r}')
+    return int(num_prefix_tokens)
 
 
 def _num_heads(block: nn.Module) -> int:

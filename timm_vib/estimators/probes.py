@@ -7,6 +7,7 @@ grows (4, 16, 64 in the paper).
 import numbers
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -61,6 +62,11 @@ def copy_patch(
     return out.reshape(P, gh, gw, C, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(P, C, Hh, Ww)
 
 
+def probe_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of image ``index``'s copy locations in :func:`repetition_probe`."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0]))
+
+
 class RepetitionProbe(NamedTuple):
     """Result of :func:`repetition_probe` (latent units): ``shift`` [P, len(n_copies), pairs, r] is
     mu_aug - mu_0; ``mu0`` [P, pairs, r] is mu_0, the latent mean at the patch in the original image."""
@@ -85,7 +91,8 @@ def repetition_probe(
         patches: [P] row-major patch indices on the patch grid.
         layer_heads: (layer, head) pairs to read.
         n_copies: numbers of copies N (each at most grid cells - 1).
-        seed: copy locations are drawn from this seed (same seed, same locations).
+        seed: copy locations are drawn from (seed, the image's index in ``images``): the same whatever the
+            batch size, and nested over ``n_copies`` (the N locations of an image are among its N' > N ones).
 
     Returns:
         :class:`RepetitionProbe` (shift [P, len(n_copies), len(layer_heads), r], mu0 [P, len(layer_heads), r])
@@ -117,8 +124,11 @@ def repetition_probe(
     layers = torch.tensor([lh[0] for lh in layer_heads])
     heads = torch.tensor([lh[1] for lh in layer_heads])
     tok = num_prefix_tokens(model) + patches
-    gen = torch.Generator().manual_seed(int(seed))
     ps = _patch_size(model)
+
+    def copied(x, p, start, n):  # each image's copies from its own generator, seeded by (seed, index)
+        return torch.cat([copy_patch(x[j:j + 1], p[j:j + 1], n, ps, probe_generator(seed, start + j))
+                          for j in range(len(x))])
 
     def read(x, t):  # mu at the source token for every chosen head: [b, pairs, r]
         model(x.to(device))
@@ -129,6 +139,6 @@ def repetition_probe(
         for s in range(0, len(images), batch_size):
             x, p, t = images[s:s + batch_size], patches[s:s + batch_size], tok[s:s + batch_size]
             mu0 = read(x, t)
-            shifts.append(torch.stack([read(copy_patch(x, p, n, ps, gen), t) - mu0 for n in n_copies], 1))
+            shifts.append(torch.stack([read(copied(x, p, s, n), t) - mu0 for n in n_copies], 1))
             mu0s.append(mu0)
     return RepetitionProbe(torch.cat(shifts), torch.cat(mu0s))

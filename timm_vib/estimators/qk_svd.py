@@ -197,7 +197,8 @@ def optimal_attention_images(
             t = _map_tokens(model, svd, layer, rec.inputs[:, layer, P:].float())
             qm, km = t @ u, t @ v
             for sign, s in (('+', 1.0), ('-', -1.0)):
-                score = (s * qm).amax(1) * (s * km).amax(1)
+                # both maps must reach the sign somewhere: two negative maxima would multiply to a high score
+                score = (s * qm).amax(1).clamp_min(0) * (s * km).amax(1).clamp_min(0)
                 idx = torch.arange(seen, seen + len(x), device=score.device)
                 if best[sign] is not None:
                     score, idx = torch.cat([best[sign][0], score]), torch.cat([best[sign][1], idx])
