@@ -59,7 +59,8 @@ def _card_metadata() -> Dict[str, Any]:
 def _recipe(run_cfg: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
     """The training recipe the card states, from run_config.json (its optimizer, schedule and args sections)."""
     args, opt, sched = run_cfg.get('args', {}), run_cfg.get('optimizer', {}), run_cfg.get('schedule', {})
-    aug = (run_cfg.get('data') or {}).get('augmentation') or {}
+    data = run_cfg.get('data') or {}
+    aug = data.get('augmentation') or {}
     parts = []
     if aug:
         parts.append(f"RandomResizedCrop scale {tuple(aug.get('scale', ()))}")
@@ -80,8 +81,8 @@ def _recipe(run_cfg: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
         batch_size=run_cfg.get('global_batch_size', args.get('batch_size')),
         class_list=args.get('class_list'),
         augmentation=', '.join(parts),
-        num_val=(run_cfg.get('data') or {}).get('num_val'),
-        num_train=(run_cfg.get('data') or {}).get('num_train'),
+        num_val=data.get('num_val'),
+        num_train=data.get('num_train'),
     )
 
 

@@ -323,6 +323,14 @@ def fig_survival(runs: List[Run], loader, path: Path) -> str:
             '0.01 nats to some validation patch. ' + '; '.join(parts) + '.')
 
 
+def _no_figure(path: Path, why: str) -> None:
+    """A one-line figure saying why there is nothing to plot (the report links every figure)."""
+    fig, ax = plt.subplots(figsize=(5, 1))
+    ax.axis('off')
+    ax.text(0.5, 0.5, why, ha='center', va='center')
+    save_figure(fig, path)
+
+
 def _restricted(runs: List[Run]) -> List[Run]:
     """Bottlenecked runs with at least one active head, most restricted (highest beta) first."""
     return [r for r in runs if r.mode == 'vib' and r.active]
@@ -337,10 +345,7 @@ def fig_top_patches(runs: List[Run], loader, ds, spec, path: Path, k: int = 8) -
     from .estimators import top_patches
     cand = _restricted(runs)
     if not cand:
-        fig, ax = plt.subplots(figsize=(5, 1))
-        ax.axis('off')
-        ax.text(0.5, 0.5, 'no bottlenecked model has an active head', ha='center', va='center')
-        save_figure(fig, path)
+        _no_figure(path, 'no bottlenecked model has an active head')
         return 'No bottlenecked model has an active head: nothing to show.'
     r = cand[0]
     layer, head = _most_active_head(r)
@@ -380,10 +385,7 @@ def fig_repetition(runs: List[Run], ds, path: Path, n_patches: int = 256, max_he
     heads = [(r, lh) for r in _restricted(runs)[:2] for lh in sorted(r.active, key=lambda lh: -r.summary['head_kl'][lh[0]][lh[1]])]
     heads = heads[:max_heads]
     if not heads:
-        fig, ax = plt.subplots(figsize=(5, 1))
-        ax.axis('off')
-        ax.text(0.5, 0.5, 'no active heads to probe', ha='center', va='center')
-        save_figure(fig, path)
+        _no_figure(path, 'no active heads to probe')
         return 'No active heads: no repetition probe.'
     g = torch.Generator().manual_seed(seed)
     m0 = heads[0][0].model()
@@ -447,10 +449,7 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
             heads += across
     heads = heads[:max_heads]
     if len(heads) < 2:
-        fig, ax = plt.subplots(figsize=(5, 1))
-        ax.axis('off')
-        ax.text(0.5, 0.5, 'fewer than two active heads: no NMI matrix', ha='center', va='center')
-        save_figure(fig, path)
+        _no_figure(path, 'fewer than two active heads: no NMI matrix')
         return f'{len(heads)} active head(s) in all: no NMI matrix.'
     # the same L data points (image, patch) for every head, streamed, subsampled at random
     params = {}
@@ -479,11 +478,7 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
     ok = ((self_mi > 1e-3) & (self_se < 0.25 * self_mi)).nonzero().flatten().tolist()
     dropped = [names[i] for i in range(K) if i not in ok]
     if len(ok) < 2:  # a matrix of ratios of noise would look like a result: say so instead
-        fig, ax = plt.subplots(figsize=(5, 1))
-        ax.axis('off')
-        ax.text(0.5, 0.5, f'the samples resolve the information of {len(ok)} of {K} heads: no NMI matrix',
-                ha='center', va='center')
-        save_figure(fig, path)
+        _no_figure(path, f'the samples resolve the information of {len(ok)} of {K} heads: no NMI matrix')
         info = ', '.join(f'{n}: {float(res.information[i]):.3g} ± {float(res.information_stderr[i]):.2g}'
                          for i, n in enumerate(names))
         return (f"No NMI matrix: of the {K} most informative active heads, the {n_samples} samples resolve I(U;U') "
@@ -532,10 +527,7 @@ def fig_nmi(runs: List[Run], ds, loader, path: Path, max_heads: int = 12, max_po
 
 def fig_js(runs: List[Run], js, path: Path) -> str:
     if not js:
-        fig, ax = plt.subplots(figsize=(5, 1))
-        ax.axis('off')
-        ax.text(0.5, 0.5, 'neither end of the spectrum (no attention, ViT) among the runs', ha='center', va='center')
-        save_figure(fig, path)
+        _no_figure(path, 'neither end of the spectrum (no attention, ViT) among the runs')
         return 'No end of the spectrum among the runs: no Jensen-Shannon comparison.'
     names = {'none': 'no attention', 'plain': 'ViT (gap)'}
     fig, axes = plt.subplots(len(js), 1, figsize=(0.9 * len(runs) + 2.5, 2.6 * len(js)), squeeze=False)
@@ -562,10 +554,7 @@ def fig_qk(runs: List[Run], path: Path, colors) -> str:
     from .estimators import qk_svd
     with_attn = [r for r in runs if r.mode in ('vib', 'plain')]
     if not with_attn:
-        fig, ax = plt.subplots(figsize=(5, 1))
-        ax.axis('off')
-        ax.text(0.5, 0.5, 'no model with attention', ha='center', va='center')
-        save_figure(fig, path)
+        _no_figure(path, 'no model with attention')
         return 'No model with attention: no query-key SVD.'
     fig, ax = plt.subplots(figsize=(6, 4))
     parts = []

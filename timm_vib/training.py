@@ -37,6 +37,11 @@ BETA_SCHEDULES = ('linear', 'log')
 LOG_RAMP_START = 1e-8  # the reference code's start of its log ramp
 
 
+def default_beta_warmup_epochs(epochs: float) -> float:
+    """The beta warm-up without ``--beta-warmup-epochs``: 10 % of the epochs (the reference script: 100 of 1000)."""
+    return 0.1 * epochs
+
+
 def beta_at(beta: float, update: int, warmup_updates: int, schedule: str = 'linear') -> float:
     """The information cost in force at optimizer update ``update`` (0-based) of a warm-up over
     ``warmup_updates`` updates: ``linear`` rises from beta / warmup_updates to beta, ``log`` rises
@@ -514,8 +519,8 @@ def run_differences(out: Path, args: argparse.Namespace) -> List[str]:
             was = beta_from_name(old.get('model', defaults['model'])) if was is None else was
             now = beta_from_name(new.get('model', defaults['model'])) if now is None else now
         if key == 'beta_warmup_epochs':
-            was = 0.1 * old.get('epochs', defaults['epochs']) if was is None else was
-            now = 0.1 * new.get('epochs', defaults['epochs']) if now is None else now
+            was = default_beta_warmup_epochs(old.get('epochs', defaults['epochs'])) if was is None else was
+            now = default_beta_warmup_epochs(new.get('epochs', defaults['epochs'])) if now is None else now
         if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
             diff.append(f'--{key.replace("_", "-")} {was!r} (run) vs {now!r} (now)')
     return diff
@@ -589,7 +594,7 @@ def _resolve(args: argparse.Namespace) -> Tuple[argparse.Namespace, Path, int]:
     args.model_kwargs = list(args.model_kwargs)
     check_args(args)
     if args.beta_warmup_epochs is None:
-        args.beta_warmup_epochs = 0.1 * args.epochs  # the reference script: 100 of 1000 epochs
+        args.beta_warmup_epochs = default_beta_warmup_epochs(args.epochs)
     out = Path(args.output or _default_output(args))
     args.output = str(out)
     if args.resume and ((out / SUMMARY).is_file() or any((out / 'checkpoints').glob('ckpt-*'))):
